@@ -1,0 +1,36 @@
+// The CPU operations. Every op makes exactly one pass over the memory of the table.
+#pragma once
+
+#include <cstdint>
+
+#include "gradkern/tensor_table.h"
+
+namespace gradkern {
+
+// Which power sum the stats pass accumulates besides max |g|, non-finite and zero counts.
+enum class NormKind : int32_t {
+  none = 0,     // nothing beyond the fixed statistics (inf-norm, 0-"norm")
+  l1 = 1,       // sum |g|
+  l2 = 2,       // sum g^2
+  min_abs = 3,  // min |g| (the -inf "norm")
+  power = 4,    // sum |g|^p for any other p
+};
+
+// Per-tensor results of one read pass. Each array has table.size entries.
+struct TensorStatsOut {
+  double* power_sum;       // the NormKind accumulator (min |g| for min_abs); NaN if any NaN
+  double* max_abs;         // max |g|; NaN if the tensor holds a NaN; 0 for empty tensors
+  std::int64_t* nonfinite; // count of NaN and +-inf
+  std::int64_t* zeros;     // count of exact zeros (+0 and -0)
+};
+
+void tensor_stats(const TensorTable& table, NormKind kind, double p, TensorStatsOut out);
+
+// In place, per tensor t: if !(coef[t] >= 1) multiply by coef[t] (so a NaN coefficient poisons the
+// tensor as torch does); then clamp to [-clip_value, clip_value], writing only elements that
+// change. coef may be null (no scaling), or hold one entry (applies to all) or table.size entries.
+// clip_value may be +inf (no clamping). clip_value is rounded to each tensor's dtype first.
+void clip_in_place(const TensorTable& table, const double* coef, std::int64_t n_coef,
+                   double clip_value);
+
+}  // namespace gradkern

@@ -1,0 +1,41 @@
+// The tensor table: the only thing the kernels know about tensors.
+//
+// Python hands over three parallel arrays (addresses, element counts, dtype codes). The kernels
+// never see torch, so one build of the library serves every torch version.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace gradkern {
+
+// Codes shared with gradkern/_table.py. Do not renumber.
+enum class DType : int8_t { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
+
+struct TensorTable {
+  const std::uint64_t* data;  // base address of each tensor's contiguous storage
+  const std::int64_t* numel;  // element count of each tensor
+  const std::int8_t* dtype;   // DType code of each tensor
+  std::int64_t size;          // number of tensors
+};
+
+// Work is cut into chunks of at most kChunkElems elements. The partition depends only on the
+// tensor sizes, never on the thread count, which is what makes results bitwise reproducible.
+constexpr std::int64_t kChunkElems = std::int64_t{1} << 16;
+
+struct Chunk {
+  std::int64_t tensor;  // index into the table
+  std::int64_t begin;   // first element of the chunk
+  std::int64_t end;     // one past the last element
+};
+
+// Chunks of every tensor in table order; chunks of tensor t are contiguous, starting at
+// first_chunk[t] (first_chunk has size+1 entries).
+struct ChunkPlan {
+  std::vector<Chunk> chunks;
+  std::vector<std::int64_t> first_chunk;
+};
+
+ChunkPlan plan_chunks(const TensorTable& table);
+
+}  // namespace gradkern

@@ -1,0 +1,143 @@
+"""The shared machinery under every public op: gather and validate, run the backend, combine.
+
+``gather`` does all checking before any kernel runs, so that an error leaves every tensor as it
+was. Per-tensor statistics come back from the backend in float64; the per-tensor norms and the
+total norm are combined from them here with torch ops on the result device (no host sync).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from operator import attrgetter
+
+import numpy as np
+import torch
+
+from ._norm_spec import NormKind, NormSpec
+from ._table import WorkSet, make_work_set, result_dtype
+from .backends import Backend, RawStats, backend_for
+
+_get_device = attrgetter("device")
+_get_dtype = attrgetter("dtype")
+_is_cpu = attrgetter("is_cpu")
+
+
+@dataclass
+class Group:
+    """The tensors of one device, with the backend that serves them."""
+
+    backend: Backend
+    work: WorkSet
+    index: torch.Tensor | None  # positions in the full list; None when this is the whole list
+
+
+@dataclass
+class Gathered:
+    tensors: list[torch.Tensor]
+    names: Sequence[str] | None
+    groups: list[Group]
+    device: torch.device  # where results live: the first tensor's device, as in torch
+    dtype: torch.dtype  # torch's result dtype for a norm over these tensors
+
+
+def gather(tensors: list[torch.Tensor], names: Sequence[str] | None = None) -> Gathered:
+    """Validate ``tensors`` (non-empty) and split them by device. Raises before touching anything."""
+    first = tensors[0].device
+    if first.type == "cpu" and all(map(_is_cpu, tensors)):
+        groups = [Group(backend_for(first), make_work_set(tensors, names), None)]
+    else:
+        by_device: dict[torch.device, list[int]] = {}
+        for i, d in enumerate(map(_get_device, tensors)):
+            by_device.setdefault(d, []).append(i)
+        groups = []
+        for device, idx in by_device.items():
+            sub_names = None if names is None else [names[i] for i in idx]
+            ws = make_work_set([tensors[i] for i in idx], sub_names)
+            index = None if len(by_device) == 1 else torch.tensor(idx, device=first)
+            groups.append(Group(backend_for(device), ws, index))
+    dtype = result_dtype(set(map(_get_dtype, tensors)))
+    return Gathered(tensors, names, groups, first, dtype)
+
+
+def tensor_stats(g: Gathered, spec: NormSpec) -> tuple[RawStats, torch.Tensor]:
+    """Per-tensor statistics over the whole list on ``g.device``, and the element counts."""
+    parts = []
+    for group in g.groups:
+        raw = group.backend.tensor_stats(group.work, spec)
+        numel = torch.from_numpy(group.work.numel)
+        if group.work.implicit_zeros is not None:
+            raw.zeros = raw.zeros + torch.from_numpy(group.work.implicit_zeros).to(raw.zeros.device)
+            if spec.kind == NormKind.MIN_ABS:  # an implicit zero is the smallest |g| there is
+                has_implicit = torch.from_numpy(group.work.implicit_zeros > 0).to(raw.zeros.device)
+                raw.power_sum = torch.where(has_implicit & ~raw.power_sum.isnan(), 0.0,
+                                            raw.power_sum)
+        parts.append((group, raw, numel))
+    if len(parts) == 1:
+        _, raw, numel = parts[0]
+        return _to(raw, g.device), numel.to(g.device)
+    n = len(g.tensors)
+    full = RawStats(*(torch.empty(n, dtype=d, device=g.device) for d in
+                      (torch.float64, torch.float64, torch.int64, torch.int64)))
+    full_numel = torch.empty(n, dtype=torch.int64, device=g.device)
+    for group, raw, numel in parts:
+        raw = _to(raw, g.device)
+        for name in ("power_sum", "max_abs", "nonfinite", "zeros"):
+            getattr(full, name)[group.index] = getattr(raw, name)
+        full_numel[group.index] = numel.to(g.device)
+    return full, full_numel
+
+
+def _to(raw: RawStats, device: torch.device) -> RawStats:
+    if raw.power_sum.device == device:
+        return raw
+    return RawStats(raw.power_sum.to(device), raw.max_abs.to(device), raw.nonfinite.to(device),
+                    raw.zeros.to(device))
+
+
+def per_tensor_norms(raw: RawStats, numel: torch.Tensor, spec: NormSpec) -> torch.Tensor:
+    """float64 norm of each tensor."""
+    if spec.kind == NormKind.L2:
+        return raw.power_sum.sqrt()
+    if spec.kind in (NormKind.L1, NormKind.MIN_ABS):
+        return raw.power_sum
+    if spec.kind == NormKind.POWER:
+        return raw.power_sum.pow(1.0 / spec.p)
+    if spec.p == 0.0:
+        return (numel - raw.zeros).to(torch.float64)
+    return raw.max_abs
+
+
+def total_norm(raw: RawStats, numel: torch.Tensor, spec: NormSpec) -> torch.Tensor:
+    """float64 norm of all tensors viewed as one vector (0-dim)."""
+    if spec.kind == NormKind.L2:
+        return raw.power_sum.sum().sqrt()
+    if spec.kind == NormKind.L1:
+        return raw.power_sum.sum()
+    if spec.kind == NormKind.POWER:
+        return raw.power_sum.sum().pow(1.0 / spec.p)
+    if spec.kind == NormKind.MIN_ABS:
+        return raw.power_sum.min()
+    if spec.p == 0.0:
+        return (numel - raw.zeros).sum().to(torch.float64)
+    return raw.max_abs.max()
+
+
+def clip_in_place(g: Gathered, coef: torch.Tensor | None, clip_value: float) -> None:
+    """Scale (where ``coef`` < 1, per tensor or one for all) then clamp, in one pass per tensor."""
+    for group in g.groups:
+        group_coef = coef
+        if coef is not None:
+            if group.index is not None and coef.numel() > 1:
+                group_coef = coef[group.index]
+            group_coef = group_coef.to(group.work.work[0].device, torch.float64)
+        group.backend.clip_in_place(group.work, group_coef, clip_value)
+        group.work.copy_back()
+
+
+def nonfinite_names(g: Gathered, nonfinite: torch.Tensor) -> list[str]:
+    """Names (or ``#index``) of the tensors with NaN/inf, in list order. Syncs with the device."""
+    bad = np.flatnonzero(nonfinite.cpu().numpy())
+    if g.names is not None:
+        return [g.names[i] for i in bad]
+    return [f"#{i}" for i in bad]

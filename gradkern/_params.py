@@ -1,0 +1,60 @@
+"""Reading the ``parameters`` argument the way torch does, plus ``named_parameters()`` pairs."""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from collections.abc import Iterable
+from itertools import compress, repeat
+from operator import attrgetter, is_not
+from typing import Union
+
+import torch
+
+TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+
+_get_grad = attrgetter("grad")
+
+
+def split_names(
+    parameters: TensorOrTensors, warn_empty_generator: bool = False
+) -> tuple[list[torch.Tensor], list[str] | None]:
+    """(tensors, names): names when ``parameters`` yields ``(name, tensor)`` pairs, else None."""
+    if isinstance(parameters, torch.Tensor):
+        return [parameters], None
+    is_generator = isinstance(parameters, types.GeneratorType)
+    items = list(parameters)
+    if not items:
+        if is_generator and warn_empty_generator:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
+                          stacklevel=3)
+        return [], None
+    if isinstance(items[0], tuple):
+        names = [str(name) for name, _ in items]
+        return [t for _, t in items], names
+    return items, None
+
+
+def grads_of(
+    parameters: TensorOrTensors, warn_empty_generator: bool = False
+) -> tuple[list[torch.Tensor], list[str] | None]:
+    """The ``.grad`` of every parameter that has one, with their names when known."""
+    params, names = split_names(parameters, warn_empty_generator)
+    grads = list(map(_get_grad, params))
+    keep = list(map(is_not, grads, repeat(None)))
+    if not all(keep):
+        grads = list(compress(grads, keep))
+        names = None if names is None else list(compress(names, keep))
+    return grads, names
+
+
+def check_bound(value: float | torch.Tensor, what: str) -> float:
+    """A clipping bound as a float: finite or +inf, and >= 0. ValueError otherwise."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
+    if math.isnan(v) or v < 0:
+        raise ValueError(f"{what} must be >= 0 (or inf), got {v}")
+    return v

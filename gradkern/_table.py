@@ -1,0 +1,121 @@
+"""Turning user gradients into the flat, contiguous tensors that the kernels read and write.
+
+Every check happens here, before any kernel runs: a bad input raises and nothing is mutated.
+Non-contiguous grads are copied to contiguous buffers (and copied back after an in-place op);
+sparse COO grads are reduced to their coalesced values plus a count of implicit zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import reduce
+from itertools import repeat
+from operator import attrgetter
+
+import numpy as np
+import torch
+
+# Codes shared with cpp/include/gradkern/tensor_table.h. Do not renumber.
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 0,
+    torch.float64: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+}
+
+_get_dtype = attrgetter("dtype")
+
+
+def describe(i: int, names: Sequence[str] | None) -> str:
+    """How error messages name tensor ``i``."""
+    return f"{names[i]!r}" if names is not None else f"#{i}"
+
+
+@dataclass
+class WorkSet:
+    """Contiguous dense tensors standing in for the user's tensors (all on one device), in order.
+
+    ``work[i]`` aliases the user's storage where it can; otherwise ``writeback`` holds the
+    (original, buffer) pairs to copy back after an in-place op.
+    """
+
+    work: list[torch.Tensor]
+    codes: np.ndarray  # int8 dtype code per tensor
+    numel: np.ndarray  # int64 element count the user sees (dense numel for sparse tensors)
+    implicit_zeros: np.ndarray | None = None  # int64, the zeros a sparse tensor does not store
+    writeback: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(addresses, element counts, dtype codes): the tensor table the compiled kernels take."""
+        n = len(self.work)
+        data = np.fromiter(map(torch.Tensor.data_ptr, self.work), dtype=np.uint64, count=n)
+        if self.implicit_zeros is None:
+            return data, self.numel, self.codes
+        numel = np.fromiter(map(torch.Tensor.numel, self.work), dtype=np.int64, count=n)
+        return data, numel, self.codes
+
+    def copy_back(self) -> None:
+        for original, buffer in self.writeback:
+            original.copy_(buffer)
+
+
+def result_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
+    """The dtype torch gives a norm over tensors of these dtypes (type promotion)."""
+    return reduce(torch.promote_types, sorted(dtypes, key=str))
+
+
+def make_work_set(tensors: list[torch.Tensor], names: Sequence[str] | None = None) -> WorkSet:
+    """Validate ``tensors`` (one device) and return the buffers the kernels operate on.
+
+    Raises:
+        TypeError: for a dtype other than fp32/fp64/fp16/bf16, or a layout other than strided or
+            sparse COO. Nothing is modified.
+    """
+    n = len(tensors)
+    codes_list = list(map(DTYPE_CODES.get, map(_get_dtype, tensors), repeat(-1)))
+    if -1 in codes_list:
+        i = codes_list.index(-1)
+        dtype = tensors[i].dtype
+        kind = "a floating-point" if dtype.is_floating_point else "a non-floating-point"
+        raise TypeError(
+            f"gradkern works on float32, float64, float16 and bfloat16 gradients; tensor "
+            f"{describe(i, names)} is {kind} {dtype}"
+        )
+    codes = np.array(codes_list, dtype=np.int8)
+    numel = np.fromiter(map(torch.Tensor.numel, tensors), dtype=np.int64, count=n)
+    try:
+        # The common case: every tensor strided and contiguous. One C-level call per tensor.
+        if all(map(torch.Tensor.is_contiguous, tensors)):
+            return WorkSet(list(tensors), codes, numel)
+    except RuntimeError:
+        pass  # sparse tensors have no notion of contiguity; take the general path
+    work: list[torch.Tensor] = []
+    implicit = np.zeros(n, dtype=np.int64)
+    writeback: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for i, t in enumerate(tensors):
+        if t.layout == torch.strided:
+            if t.is_contiguous():
+                work.append(t)
+            else:
+                buffer = t.contiguous()
+                work.append(buffer)
+                writeback.append((t, buffer))
+        elif t.layout == torch.sparse_coo:
+            coalesced = t if t.is_coalesced() else t.coalesce()
+            values = coalesced._values()
+            if not values.is_contiguous():
+                values = values.contiguous()
+                coalesced = torch.sparse_coo_tensor(
+                    coalesced._indices(), values, coalesced.shape, is_coalesced=True
+                )
+            work.append(values)
+            implicit[i] = t.numel() - values.numel()
+            if coalesced is not t:
+                writeback.append((t, coalesced))
+        else:
+            raise TypeError(
+                f"gradkern supports strided and sparse COO gradients; tensor "
+                f"{describe(i, names)} has layout {t.layout}"
+            )
+    return WorkSet(work, codes, numel, implicit, writeback)

@@ -1,0 +1,161 @@
+"""Backend discovery and dispatch.
+
+Backends, best first for each device: ``cpp`` (compiled C++/OpenMP, CPU), ``cuda`` (compiled
+CUDA kernels), ``numba`` (JIT fallback, CPU), ``torch`` (pure-torch reference, any device).
+A backend that is missing or broken is reported by :func:`backends`, never raised at import.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .base import Backend, RawStats
+
+__all__ = ["Backend", "BackendInfo", "RawStats", "backends", "set_backend", "get_backend",
+           "backend_for"]
+
+_ORDER = {"cpu": ("cpp", "numba", "torch"), "cuda": ("cuda", "torch")}
+_NAMES = ("cpp", "cuda", "numba", "torch")
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What :func:`backends` says about one backend.
+
+    Attributes:
+        compiled: its code is present in this installation (extension built, package importable).
+        usable: it can run on this machine now.
+        reason: why it is not usable ('' when it is).
+        devices: device types it serves.
+    """
+
+    compiled: bool
+    usable: bool
+    reason: str
+    devices: tuple[str, ...]
+
+
+def _probe(name: str) -> tuple[BackendInfo, Backend | None]:
+    if name == "torch":
+        from .reference import TorchBackend
+
+        return BackendInfo(True, True, "", ("cpu", "cuda", "other")), TorchBackend()
+    if name == "cpp":
+        from . import cpp
+
+        if cpp.IMPORT_ERROR:
+            return BackendInfo(False, False, cpp.IMPORT_ERROR, ("cpu",)), None
+        return BackendInfo(True, True, "", ("cpu",)), cpp.CppBackend()
+    if name == "numba":
+        try:
+            from .numba_cpu import NumbaBackend
+
+            return BackendInfo(True, True, "", ("cpu",)), NumbaBackend()
+        except Exception as exc:  # numba missing, or an llvmlite/numpy mismatch
+            return BackendInfo(False, False, f"numba did not import: {exc}", ("cpu",)), None
+    if name == "cuda":
+        from . import cuda
+
+        if cuda.IMPORT_ERROR:
+            return BackendInfo(False, False, cuda.IMPORT_ERROR, ("cuda",)), None
+        info = cuda.runtime_info()
+        if not cuda.KERNELS_READY:
+            why = "the CUDA module is built, but its kernels are not implemented yet"
+            return BackendInfo(True, False, why, ("cuda",)), None
+        if info["device_count"] == 0:
+            why = f"no CUDA device: {info['error'] or 'none found'}"
+            return BackendInfo(True, False, why, ("cuda",)), None
+        return BackendInfo(True, True, "", ("cuda",)), None
+    raise ValueError(f"unknown backend {name!r}; choose from {', '.join(_NAMES)}")
+
+
+_probed: dict[str, tuple[BackendInfo, Backend | None]] = {}
+_forced: str | None = None
+_dispatch_cache: dict[str, Backend] = {}
+
+
+def _get(name: str) -> tuple[BackendInfo, Backend | None]:
+    if name not in _probed:
+        _probed[name] = _probe(name)
+    return _probed[name]
+
+
+def backends() -> dict[str, BackendInfo]:
+    """Every backend with whether it is compiled in, usable, and why not.
+
+    Example:
+        >>> import gradkern as gk
+        >>> gk.backends()["torch"].usable
+        True
+    """
+    return {name: _get(name)[0] for name in _NAMES}
+
+
+def _check_name(name: str) -> None:
+    if name not in _NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(_NAMES)}")
+
+
+def set_backend(name: str | None) -> str | None:
+    """Force a backend for every op (``None``: automatic choice); returns the previous choice.
+
+    A forced backend serves the devices it supports; tensors on other devices keep the automatic
+    choice. The environment variable ``GRADKERN_BACKEND`` sets the initial value.
+
+    Raises:
+        ValueError: for an unknown name. RuntimeError: for a backend that is not usable here.
+
+    Example:
+        >>> import gradkern as gk
+        >>> previous = gk.set_backend("torch")
+        >>> gk.set_backend(previous)
+        'torch'
+    """
+    global _forced
+    if name is not None:
+        _check_name(name)
+        info = _get(name)[0]
+        if not info.usable:
+            raise RuntimeError(f"backend {name!r} is not usable: {info.reason}")
+    previous, _forced = _forced, name
+    _dispatch_cache.clear()
+    return previous
+
+
+def get_backend() -> str | None:
+    """The forced backend name, or None for the automatic choice."""
+    return _forced
+
+
+def backend_for(device: torch.device) -> Backend:
+    """The backend that runs ops on tensors of ``device``."""
+    key = device.type
+    cached = _dispatch_cache.get(key)
+    if cached is not None:
+        return cached
+    order = _ORDER.get(key, ("torch",))
+    if _forced is not None and (_forced in order or _forced == "torch"):
+        info = _get(_forced)[0]
+        if not info.usable:
+            raise RuntimeError(f"the forced backend {_forced!r} is not usable: {info.reason}")
+        order = (_forced,)
+    for name in order:
+        info, impl = _get(name)
+        if info.usable and impl is not None:
+            _dispatch_cache[key] = impl
+            return impl
+    raise RuntimeError(f"no usable backend for {key} tensors")  # unreachable: torch always works
+
+
+def _init_from_env() -> None:
+    global _forced
+    name = os.environ.get("GRADKERN_BACKEND", "").strip() or None
+    if name is not None:
+        _check_name(name)  # a typo in the variable should not silently mean "automatic"
+    _forced = name
+
+
+_init_from_env()

@@ -1,0 +1,252 @@
+"""Numba twins of cpp/cpu/tensor_stats.cpp and cpp/cpu/clip_in_place.cpp.
+
+Same chunk plan, same per-chunk lane structure for the power sums (16 lanes folded in order,
+chunks folded in order), fp64 accumulation: results match the C++ kernels. Tensors arrive as
+raw addresses, as in C++; fp16/bf16 are read through their bit patterns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import carray, njit, prange, types
+from numba.extending import intrinsic, overload
+
+F32, F64, F16, BF16 = 0, 1, 2, 3  # codes from gradkern._table.DTYPE_CODES
+KIND_NONE, KIND_L1, KIND_L2, KIND_MIN_ABS, KIND_POWER = 0, 1, 2, 3, 4
+
+
+@intrinsic
+def _as_pointer(typingctx, address):
+    """An integer address as a void*, so that carray can view the memory behind it."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], ir.PointerType(ir.IntType(8)))
+
+    return types.voidptr(address), codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, value):
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(value), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, bits):
+    if bits != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+def _half_to_float_table() -> np.ndarray:
+    return np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def _bf16_to_float_table() -> np.ndarray:
+    return (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
+
+
+HALF_TABLE = _half_to_float_table()
+BF16_TABLE = _bf16_to_float_table()
+
+
+@njit(cache=True, inline="always")
+def _float_to_bf16(f):
+    u = _f32_bits(np.float32(f))
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16((u >> np.uint32(16)) | np.uint32(0x40))
+    u = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    return np.uint16(u >> np.uint32(16))
+
+
+@njit(cache=True, inline="always")
+def _float_to_half(f):
+    u = _f32_bits(np.float32(f))
+    sign = np.uint16((u >> np.uint32(16)) & np.uint32(0x8000))
+    a = u & np.uint32(0x7FFFFFFF)
+    if a > np.uint32(0x7F800000):
+        return np.uint16(sign | np.uint16(0x7E00))
+    if a >= np.uint32(0x477FF000):
+        return np.uint16(sign | np.uint16(0x7C00))
+    if a < np.uint32(0x38800000):
+        shifted = _bits_f32(np.uint32(a)) + np.float32(0.5)
+        return np.uint16(sign | np.uint16(_f32_bits(shifted) - np.uint32(0x3F000000)))
+    r = a + np.uint32(0xC8000FFF) + ((a >> np.uint32(13)) & np.uint32(1))
+    return np.uint16(sign | np.uint16(r >> np.uint32(13)))
+
+
+@njit(cache=True, inline="always")
+def _accumulate(acc, a, kind, p):
+    if kind == KIND_L1:
+        return acc + a
+    if kind == KIND_L2:
+        return acc + a * a
+    if kind == KIND_POWER:
+        return acc + a**p
+    if kind == KIND_MIN_ABS:
+        return a if a < acc else acc
+    return acc
+
+
+def _abs_at(x, table, i):
+    """|x[i]| as float64; uint16 arrays hold fp16/bf16 bits, decoded through ``table``."""
+
+
+@overload(_abs_at, inline="always")
+def _abs_at_impl(x, table, i):
+    if x.dtype == types.uint16:
+        return lambda x, table, i: np.float64(abs(table[x[i]]))
+    return lambda x, table, i: np.float64(abs(x[i]))
+
+
+@njit(cache=True)
+def _reduce(x, table, kind, p, max_finite):
+    """One chunk. ``x`` is a float32/float64 array, or uint16 bits read through ``table``.
+
+    Element i + j of each block of 16 goes to power-sum lane j, as in the C++ kernel; max |g| and
+    the counts are exact whatever the order.
+    """
+    n = x.shape[0]
+    identity = np.inf if kind == KIND_MIN_ABS else 0.0
+    lanes = np.full(16, identity)
+    max_abs = 0.0
+    nonfinite = 0
+    zeros = 0
+    nans = 0
+    for i in range(0, n + 15 - (n + 15) % 16, 16):
+        for j in range(16):
+            if i + j < n:
+                a = _abs_at(x, table, i + j)
+                lanes[j] = _accumulate(lanes[j], a, kind, p)
+                max_abs = a if a > max_abs else max_abs
+                nonfinite += not (a <= max_finite)
+                zeros += a == 0.0
+                nans += a != a
+    total = identity
+    for j in range(16):
+        if kind == KIND_MIN_ABS:
+            total = lanes[j] if lanes[j] < total else total
+        else:
+            total += lanes[j]
+    return total, max_abs, nonfinite, zeros, nans > 0
+
+
+@njit(parallel=True, cache=True)
+def tensor_stats(addresses, numels, codes, chunk_tensor, chunk_begin, first_chunk, kind, p,
+                 out_power, out_max, out_nonfinite, out_zeros):
+    n_chunks = chunk_tensor.shape[0]
+    c_power = np.empty(n_chunks)
+    c_max = np.empty(n_chunks)
+    c_nonfinite = np.empty(n_chunks, dtype=np.int64)
+    c_zeros = np.empty(n_chunks, dtype=np.int64)
+    c_nan = np.empty(n_chunks, dtype=np.bool_)
+    chunk = 1 << 16
+    for c in prange(n_chunks):
+        t = chunk_tensor[c]
+        b = chunk_begin[c]
+        n = min(chunk, numels[t] - b)
+        code = codes[t]
+        if code == F32:
+            x32 = carray(_as_pointer(addresses[t] + 4 * b), (n,), np.float32)
+            r = _reduce(x32, HALF_TABLE, kind, p, np.float32(3.4028234663852886e38))
+        elif code == F64:
+            x64 = carray(_as_pointer(addresses[t] + 8 * b), (n,), np.float64)
+            r = _reduce(x64, HALF_TABLE, kind, p, np.float64(1.7976931348623157e308))
+        else:
+            x16 = carray(_as_pointer(addresses[t] + 2 * b), (n,), np.uint16)
+            tbl = HALF_TABLE if code == F16 else BF16_TABLE
+            r = _reduce(x16, tbl, kind, p, np.float32(3.4028234663852886e38))
+        c_power[c], c_max[c], c_nonfinite[c], c_zeros[c], c_nan[c] = r
+    for t in range(numels.shape[0]):
+        acc = np.inf if kind == KIND_MIN_ABS else 0.0
+        mx = 0.0
+        nf = 0
+        nz = 0
+        nan = False
+        for c in range(first_chunk[t], first_chunk[t + 1]):
+            if kind == KIND_MIN_ABS:
+                acc = min(acc, c_power[c])
+            else:
+                acc += c_power[c]
+            mx = max(mx, c_max[c])
+            nf += c_nonfinite[c]
+            nz += c_zeros[c]
+            nan = nan or c_nan[c]
+        out_power[t] = np.nan if nan else acc
+        out_max[t] = np.nan if nan else mx
+        out_nonfinite[t] = nf
+        out_zeros[t] = nz
+
+
+@njit(cache=True)
+def _clip_float(x, coef, c, scale):
+    if scale:
+        k = x.dtype.type(coef)
+        for i in range(x.shape[0]):
+            v = x[i] * k
+            x[i] = min(max(v, -c), c) if v == v else v
+    else:
+        for i in range(x.shape[0]):
+            v = x[i]
+            if v > c:
+                x[i] = c
+            elif v < -c:
+                x[i] = -c
+
+
+@njit(cache=True)
+def _clip_bits(x, table, is_bf16, coef, c, scale):
+    k = np.float32(coef)
+    hi = _float_to_bf16(c) if is_bf16 else _float_to_half(c)
+    lo = _float_to_bf16(-c) if is_bf16 else _float_to_half(-c)
+    for i in range(x.shape[0]):
+        v = table[x[i]]
+        if scale:
+            v = v * k
+            if v > c:
+                v = c
+            elif v < -c:
+                v = -c
+            x[i] = _float_to_bf16(v) if is_bf16 else _float_to_half(v)
+        elif v > c:
+            x[i] = hi
+        elif v < -c:
+            x[i] = lo
+
+
+@njit(parallel=True, cache=True)
+def clip_in_place(addresses, numels, codes, chunk_tensor, chunk_begin, coef, clip_value):
+    """``clip_value`` must already be rounded to each dtype by the caller (see numba_cpu)."""
+    chunk = 1 << 16
+    for c in prange(chunk_tensor.shape[0]):
+        t = chunk_tensor[c]
+        b = chunk_begin[c]
+        n = min(chunk, numels[t] - b)
+        k = coef[0] if coef.shape[0] == 1 else coef[t]
+        scale = not (k >= 1.0)
+        code = codes[t]
+        bound = clip_value[code]
+        if not scale and bound == np.inf:
+            continue
+        if code == F32:
+            x32 = carray(_as_pointer(addresses[t] + 4 * b), (n,), np.float32)
+            _clip_float(x32, k, np.float32(bound), scale)
+        elif code == F64:
+            x64 = carray(_as_pointer(addresses[t] + 8 * b), (n,), np.float64)
+            _clip_float(x64, k, bound, scale)
+        else:
+            x16 = carray(_as_pointer(addresses[t] + 2 * b), (n,), np.uint16)
+            tbl = HALF_TABLE if code == F16 else BF16_TABLE
+            _clip_bits(x16, tbl, code == BF16, k, np.float32(bound), scale)

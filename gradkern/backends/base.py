@@ -1,0 +1,47 @@
+"""The contract every backend fulfils, and the per-tensor statistics it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .._norm_spec import NormSpec
+
+
+@dataclass
+class RawStats:
+    """Per-tensor results of one read pass, one entry per tensor, on the tensors' device.
+
+    ``power_sum`` holds what ``NormSpec.kind`` accumulates (sum |g|, sum g^2, sum |g|^p, or
+    min |g|); it and ``max_abs`` are NaN for a tensor that holds a NaN. float64 throughout,
+    counts int64.
+    """
+
+    power_sum: torch.Tensor
+    max_abs: torch.Tensor
+    nonfinite: torch.Tensor
+    zeros: torch.Tensor
+
+
+class Backend(Protocol):
+    """A set of kernels. Inputs are contiguous, dense, validated tensors on one device."""
+
+    name: str
+
+    def supports(self, device: torch.device) -> bool:
+        """Whether this backend runs on tensors of ``device``."""
+        ...
+
+    def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
+        """One read pass over every tensor."""
+        ...
+
+    def clip_in_place(
+        self, ws: WorkSet, coef: torch.Tensor | None, clip_value: float
+    ) -> None:
+        """Multiply tensor i by ``coef[i]`` (or ``coef[0]`` if it has one entry) where the
+        coefficient is not >= 1, then clamp to [-clip_value, clip_value] (``inf``: no clamp).
+        ``coef`` is float64 on the tensors' device, or None for no scaling."""
+        ...

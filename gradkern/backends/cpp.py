@@ -1,0 +1,40 @@
+"""The C++ CPU backend: gradkern._cpu, built from cpp/cpu/ and bound in src/bind_cpu.cpp."""
+
+from __future__ import annotations
+
+import torch
+
+from .._norm_spec import NormSpec
+from .._table import WorkSet
+from .base import RawStats
+
+try:
+    from .. import _cpu
+except ImportError as exc:
+    _cpu = None
+    IMPORT_ERROR: str | None = f"gradkern._cpu did not import: {exc}"
+else:
+    IMPORT_ERROR = None
+
+
+def empty_stats(n: int) -> RawStats:
+    """Host buffers for the kernels to fill."""
+    f64, i64 = torch.float64, torch.int64
+    return RawStats(torch.empty(n, dtype=f64), torch.empty(n, dtype=f64),
+                    torch.empty(n, dtype=i64), torch.empty(n, dtype=i64))
+
+
+class CppBackend:
+    name = "cpp"
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cpu"
+
+    def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
+        out = empty_stats(len(ws.work))
+        _cpu.tensor_stats(*ws.table(), int(spec.kind), spec.p, out.power_sum.numpy(),
+                          out.max_abs.numpy(), out.nonfinite.numpy(), out.zeros.numpy())
+        return out
+
+    def clip_in_place(self, ws: WorkSet, coef: torch.Tensor | None, clip_value: float) -> None:
+        _cpu.clip_in_place(*ws.table(), None if coef is None else coef.numpy(), clip_value)

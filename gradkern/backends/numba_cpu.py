@@ -1,0 +1,69 @@
+"""The Numba CPU backend: the twins in _numba_kernels.py, for machines without gradkern._cpu.
+
+Numba compiles on first use (then caches on disk), so importing gradkern does not import numba;
+this module is loaded only when the backend is asked for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._norm_spec import NormSpec
+from .base import RawStats
+from .._table import WorkSet
+from .cpp import empty_stats
+
+CHUNK_ELEMS = 1 << 16  # must equal kChunkElems in cpp/include/gradkern/tensor_table.h
+
+
+def chunk_plan(numel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tensor of each chunk, first element of each chunk, first chunk of each tensor)."""
+    per_tensor = (numel + CHUNK_ELEMS - 1) // CHUNK_ELEMS
+    first_chunk = np.zeros(len(numel) + 1, dtype=np.int64)
+    np.cumsum(per_tensor, out=first_chunk[1:])
+    chunk_tensor = np.repeat(np.arange(len(numel), dtype=np.int64), per_tensor)
+    chunk_begin = (np.arange(first_chunk[-1], dtype=np.int64) - first_chunk[chunk_tensor]) * CHUNK_ELEMS
+    return chunk_tensor, chunk_begin, first_chunk
+
+
+def _bound_per_dtype(clip_value: float) -> np.ndarray:
+    """clip_value rounded to fp32, fp64, fp16, bf16 (indexed by dtype code), as torch's clamp does."""
+    if clip_value == float("inf"):
+        return np.full(4, np.inf)
+    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    return np.array([torch.tensor(clip_value, dtype=d).item() for d in dtypes])
+
+
+class NumbaBackend:
+    name = "numba"
+
+    def __init__(self) -> None:
+        from . import _numba_kernels
+
+        self._kernels = _numba_kernels
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cpu"
+
+    def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
+        data, numel, codes = ws.table()
+        chunk_tensor, chunk_begin, first_chunk = chunk_plan(numel)
+        out = empty_stats(len(ws.work))
+        self._kernels.tensor_stats(
+            data.view(np.int64), numel, codes, chunk_tensor, chunk_begin, first_chunk,
+            int(spec.kind), float(spec.p),
+            out.power_sum.numpy(), out.max_abs.numpy(), out.nonfinite.numpy(), out.zeros.numpy(),
+        )
+        return out
+
+    def clip_in_place(
+        self, ws: WorkSet, coef: torch.Tensor | None, clip_value: float
+    ) -> None:
+        data, numel, codes = ws.table()
+        chunk_tensor, chunk_begin, _ = chunk_plan(numel)
+        coef_array = np.ones(1) if coef is None else coef.numpy()
+        self._kernels.clip_in_place(
+            data.view(np.int64), numel, codes, chunk_tensor, chunk_begin, coef_array,
+            _bound_per_dtype(clip_value),
+        )

@@ -1,0 +1,253 @@
+"""Gradient clipping: drop-in replacements for ``torch.nn.utils`` and :func:`clip_`.
+
+Each function validates all of its arguments and every gradient before it writes anything.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _engine
+from ._norm_spec import NormSpec, parse_norm_type
+from ._params import TensorOrTensors, check_bound, grads_of, split_names
+
+__all__ = ["get_total_norm", "clip_grads_with_norm_", "clip_grad_norm_", "clip_grad_value_",
+           "clip_"]
+
+_EPS = 1e-6  # torch's guard in max_norm / (total_norm + eps)
+
+
+def _nonfinite_error(g: _engine.Gathered, raw, spec: NormSpec) -> RuntimeError:
+    names = _engine.nonfinite_names(g, raw.nonfinite)
+    where = f" Non-finite gradients: {', '.join(names)}." if names else ""
+    return RuntimeError(
+        f"The total norm of order {spec.p} for gradients from `parameters` is non-finite, so it "
+        f"cannot be clipped.{where} To disable this error and scale the gradients by the "
+        f"non-finite norm anyway, set `error_if_nonfinite=False`"
+    )
+
+
+def _norms(
+    tensors: list[torch.Tensor], names, spec: NormSpec, error_if_nonfinite: bool
+) -> tuple[_engine.Gathered, torch.Tensor, torch.Tensor]:
+    """(gathered, per-tensor norms, total norm), float64. Raises before any write."""
+    g = _engine.gather(tensors, names)
+    raw, numel = _engine.tensor_stats(g, spec)
+    total = _engine.total_norm(raw, numel, spec)
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        raise _nonfinite_error(g, raw, spec)
+    return g, _engine.per_tensor_norms(raw, numel, spec), total
+
+
+def get_total_norm(
+    tensors: TensorOrTensors,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    r"""Norm of ``tensors`` viewed as one vector (the tensors themselves, not their ``.grad``).
+
+    Same signature and result dtype as :func:`torch.nn.utils.get_total_norm`, computed in one
+    fused read pass with float64 accumulation. Differences from torch, all on inputs where torch
+    fails: an empty tensor in the list is fine for ``norm_type=inf``; sparse COO tensors work;
+    ``norm_type=0`` counts the non-zero elements of the whole vector, as documented (torch
+    counts the tensors that hold a non-zero).
+
+    Args:
+        tensors: a tensor, an iterable of tensors, or ``(name, tensor)`` pairs (names then appear
+            in error messages).
+        norm_type: p of the p-norm: any float, ``inf``, ``-inf``, or ``'inf'``. Default: 2.0.
+        error_if_nonfinite: raise RuntimeError, naming the non-finite tensors, if the norm is NaN
+            or inf. Default: False.
+        foreach: accepted for compatibility and ignored (every gradkern op is multi-tensor).
+
+    Returns:
+        A 0-dim tensor on the first tensor's device, with torch's promoted dtype of the inputs.
+        An empty list gives ``tensor(0.)``.
+
+    Example:
+        >>> import torch, gradkern as gk
+        >>> gk.get_total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+        tensor(5.)
+    """
+    spec = parse_norm_type(norm_type)
+    items, names = split_names(tensors)
+    if not items:
+        return torch.tensor(0.0)
+    g, _, total = _norms(items, names, spec, error_if_nonfinite)
+    return total.to(g.dtype)
+
+
+def _clip_coef(max_norm: float, norm: torch.Tensor) -> torch.Tensor:
+    return (max_norm / (norm.to(torch.float64) + _EPS)).clamp(max=1.0)
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    total_norm: torch.Tensor,
+    foreach: bool | None = None,
+) -> None:
+    r"""Scale gradients by ``min(max_norm / (total_norm + 1e-6), 1)`` in place.
+
+    Like :func:`torch.nn.utils.clip_grads_with_norm_`, but a coefficient >= 1 writes nothing (one
+    pass at most, none when no clipping is needed). A NaN ``total_norm`` turns the gradients to
+    NaN, as in torch.
+
+    Args:
+        parameters: tensors whose ``.grad`` is scaled (or ``(name, tensor)`` pairs).
+        max_norm: the norm to clip to; must be >= 0.
+        total_norm: the norm the gradients have, e.g. from :func:`get_total_norm`.
+        foreach: accepted for compatibility and ignored.
+
+    Raises:
+        ValueError: ``max_norm`` is negative or NaN. TypeError: a gradient has an unsupported
+            dtype or layout. Nothing is modified in either case.
+
+    Example:
+        >>> import torch, gradkern as gk
+        >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
+        >>> gk.clip_grads_with_norm_([p], 1.0, gk.get_total_norm([p.grad]))
+        >>> p.grad
+        tensor([0.6000, 0.8000])
+    """
+    max_norm = check_bound(max_norm, "max_norm")
+    grads, names = grads_of(parameters)
+    if not grads:
+        return
+    g = _engine.gather(grads, names)
+    total = torch.as_tensor(total_norm, device=g.device)
+    _engine.clip_in_place(g, _clip_coef(max_norm, total).reshape(1), float("inf"))
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    r"""Clip the norm of the gradients (viewed as one vector) to ``max_norm``, in place.
+
+    A drop-in for :func:`torch.nn.utils.clip_grad_norm_`: same arguments, return value and dtype,
+    NaN/inf behaviour. One fused read pass computes the norm; the scaling pass is skipped
+    entirely when no clipping is needed.
+
+    Args:
+        parameters: a tensor, an iterable of tensors, or ``named_parameters()`` pairs (names then
+            appear in error messages). Parameters whose ``.grad`` is None are skipped.
+        max_norm: the largest norm allowed; must be >= 0.
+        norm_type: p of the p-norm (any float, ``inf``, ``-inf``, ``'inf'``). Default: 2.0.
+        error_if_nonfinite: raise RuntimeError naming the parameters whose gradients hold
+            NaN/inf when the total norm is non-finite; nothing is modified then. Default: False.
+        foreach: accepted for compatibility and ignored.
+
+    Returns:
+        The total norm before clipping, 0-dim, on the gradients' device.
+
+    Raises:
+        ValueError: bad ``max_norm`` or ``norm_type``. TypeError: non-floating gradients.
+
+    Example:
+        >>> import torch, gradkern as gk
+        >>> model = torch.nn.Linear(4, 2)
+        >>> model(torch.randn(8, 4)).pow(2).sum().backward()
+        >>> norm = gk.clip_grad_norm_(model.parameters(), max_norm=1.0)
+        >>> bool(gk.get_total_norm([p.grad for p in model.parameters()]) <= 1.0 + 1e-5)
+        True
+    """
+    max_norm = check_bound(max_norm, "max_norm")
+    spec = parse_norm_type(norm_type)
+    grads, names = grads_of(parameters, warn_empty_generator=True)
+    if not grads:
+        return torch.tensor(0.0)
+    g, _, total = _norms(grads, names, spec, error_if_nonfinite)
+    _engine.clip_in_place(g, _clip_coef(max_norm, total).reshape(1), float("inf"))
+    return total.to(g.dtype)
+
+
+@torch.no_grad()
+def clip_grad_value_(
+    parameters: TensorOrTensors, clip_value: float, foreach: bool | None = None
+) -> None:
+    r"""Clamp every gradient element to ``[-clip_value, clip_value]``, in place.
+
+    A drop-in for :func:`torch.nn.utils.clip_grad_value_` that makes one read pass and writes
+    only the elements that change (torch makes two full read-write passes). NaN stays NaN.
+
+    Args:
+        parameters: a tensor, an iterable of tensors, or ``named_parameters()`` pairs.
+        clip_value: the bound; must be >= 0 (``inf`` clamps nothing).
+        foreach: accepted for compatibility and ignored.
+
+    Raises:
+        ValueError: ``clip_value`` negative or NaN (torch would silently flip signs).
+
+    Example:
+        >>> import torch, gradkern as gk
+        >>> p = torch.nn.Parameter(torch.zeros(3)); p.grad = torch.tensor([-5.0, 0.5, 5.0])
+        >>> gk.clip_grad_value_([p], 1.0); p.grad
+        tensor([-1.0000,  0.5000,  1.0000])
+    """
+    clip_value = check_bound(clip_value, "clip_value")
+    grads, names = grads_of(parameters)
+    if not grads:
+        return
+    _engine.clip_in_place(_engine.gather(grads, names), None, clip_value)
+
+
+@torch.no_grad()
+def clip_(
+    parameters: TensorOrTensors,
+    max_norm: float | None = None,
+    *,
+    value: float | None = None,
+    norm_type: float = 2.0,
+    per_tensor: bool = False,
+    error_if_nonfinite: bool = False,
+) -> torch.Tensor:
+    r"""The one clipping call for training loops: norm clipping, then value clipping.
+
+    One read pass gathers the norms; one more pass, only over tensors that change, scales and
+    clamps them together.
+
+    Args:
+        parameters: a tensor, an iterable of tensors, or ``named_parameters()`` pairs.
+        max_norm: clip the global norm to this (``None``: no norm clipping). With
+            ``per_tensor=True`` each gradient's own norm is clipped to it (Keras ``clipnorm``).
+        value: then clamp every element to ``[-value, value]`` (``None``: no value clipping).
+        norm_type: p of the p-norm. Default: 2.0.
+        per_tensor: clip each tensor's norm separately. Default: False.
+        error_if_nonfinite: raise RuntimeError naming the non-finite gradients if the total norm
+            is NaN/inf; nothing is modified then. Default: False.
+
+    Returns:
+        The total norm of all gradients *before* clipping, 0-dim, on the gradients' device.
+
+    Raises:
+        ValueError: a negative or NaN ``max_norm``/``value``, or an unknown ``norm_type``.
+        TypeError: an integer (or other unsupported) gradient. In every case no gradient changes.
+
+    Example:
+        >>> import torch, gradkern as gk
+        >>> model = torch.nn.Linear(4, 2)
+        >>> model(torch.randn(8, 4)).pow(2).sum().backward()
+        >>> norm = gk.clip_(model.named_parameters(), max_norm=1.0, value=0.5)
+        >>> norm.shape
+        torch.Size([])
+    """
+    max_norm = None if max_norm is None else check_bound(max_norm, "max_norm")
+    value_bound = float("inf") if value is None else check_bound(value, "value")
+    spec = parse_norm_type(norm_type)
+    grads, names = grads_of(parameters)
+    if not grads:
+        return torch.tensor(0.0)
+    g, norms, total = _norms(grads, names, spec, error_if_nonfinite)
+    coef = None
+    if max_norm is not None:
+        coef = _clip_coef(max_norm, norms if per_tensor else total.reshape(1))
+    if coef is not None or value is not None:
+        _engine.clip_in_place(g, coef, value_bound)
+    return total.to(g.dtype)

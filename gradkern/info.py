@@ -1,0 +1,51 @@
+"""What ``python -m gradkern info`` prints: versions, build flags, backends."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import __version__
+from .backends import backends, cpp, cuda
+
+
+def build_report() -> dict:
+    """The build and backend facts as a dict (also used in benchmark JSON)."""
+    report: dict = {
+        "gradkern": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "machine": platform.machine(),
+        "cpu_build": None if cpp._cpu is None else dict(cpp._cpu.build_info()),
+        "cuda_build": cuda.runtime_info(),
+        "backends": {name: vars(info) for name, info in backends().items()},
+    }
+    return report
+
+
+def print_info() -> None:
+    r = build_report()
+    print(f"gradkern {r['gradkern']}  python {r['python']}  torch {r['torch']}"
+          f"  ({r['machine']}, torch CUDA {r['torch_cuda']})")
+    cpu = r["cpu_build"]
+    if cpu:
+        print(f"CPU module : {cpu['compiler']}")
+        print(f"  flags    : {cpu['flags']}")
+        print(f"  OpenMP   : {'yes' if cpu['openmp'] else 'no'} ({cpu['max_threads']} threads)")
+        print(f"  SIMD     : {cpu['simd']}")
+    else:
+        print("CPU module : not built")
+    cu = r["cuda_build"]
+    if cu:
+        print(f"CUDA module: runtime {cu['runtime_version']}, archs {cu['archs']}, "
+              f"{cu['device_count']} device(s){' - ' + cu['error'] if cu['error'] else ''}")
+    else:
+        print("CUDA module: not built")
+    print("backends:")
+    for name, info in r["backends"].items():
+        state = "usable" if info["usable"] else ("compiled, not usable" if info["compiled"]
+                                                 else "not available")
+        why = f" - {info['reason']}" if info["reason"] else ""
+        print(f"  {name:6s} {state}{why}")

@@ -1,0 +1,70 @@
+"""Backend discovery, forcing, and the GRADKERN_REQUIRE contract."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import gradkern as gk
+from conftest import required_backends
+
+
+def test_backends_report_every_backend():
+    info = gk.backends()
+    assert set(info) == {"cpp", "cuda", "numba", "torch"}
+    assert info["torch"].usable and info["torch"].compiled
+    for name, b in info.items():
+        assert b.usable == (b.reason == ""), name
+        if b.usable:
+            assert b.compiled
+
+
+def test_required_backends_are_usable():
+    info = gk.backends()
+    for name in required_backends():
+        if name == "cuda":
+            # Without a GPU the CUDA module can be compiled but not usable.
+            assert info[name].compiled, info[name].reason
+        else:
+            assert info[name].usable, f"{name}: {info[name].reason}"
+
+
+def test_set_backend_returns_previous_and_rejects_unknown():
+    previous = gk.set_backend("torch")
+    try:
+        assert gk.set_backend(None) == "torch"
+        assert gk.get_backend() is None
+        with pytest.raises(ValueError, match="unknown backend"):
+            gk.set_backend("fortran")
+    finally:
+        gk.set_backend(previous)
+
+
+def test_forcing_an_unusable_backend_raises():
+    unusable = [n for n, b in gk.backends().items() if not b.usable]
+    if not unusable:
+        pytest.skip("every backend is usable on this machine")
+    with pytest.raises(RuntimeError, match="not usable"):
+        gk.set_backend(unusable[0])
+
+
+def _run(code: str, **env) -> str:
+    full_env = {**os.environ, **env}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=full_env, check=True)
+    return out.stdout.strip()
+
+
+def test_environment_variable_forces_backend():
+    code = ("import torch, gradkern as gk; from gradkern.backends import backend_for;"
+            "print(gk.get_backend(), backend_for(torch.device('cpu')).name)")
+    assert _run(code, GRADKERN_BACKEND="torch") == "torch torch"
+
+
+def test_info_command_prints_build():
+    out = subprocess.run([sys.executable, "-m", "gradkern", "info"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "backends:" in out and "torch" in out
+    if gk.backends()["cpp"].usable:
+        assert "OpenMP" in out and "SIMD" in out
