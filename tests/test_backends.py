@@ -49,22 +49,22 @@ def test_forcing_an_unusable_backend_raises():
         gk.set_backend(unusable[0])
 
 
-def _run(code: str, **env) -> str:
+def _run(args: list[str], cwd, **env) -> str:
+    # cwd away from the repository root, whose gradkern/ source folder would shadow the build
     full_env = {**os.environ, **env}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=full_env, check=True)
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env,
+                         cwd=cwd, check=True)
     return out.stdout.strip()
 
 
-def test_environment_variable_forces_backend():
+def test_environment_variable_forces_backend(tmp_path):
     code = ("import torch, gradkern as gk; from gradkern.backends import backend_for;"
             "print(gk.get_backend(), backend_for(torch.device('cpu')).name)")
-    assert _run(code, GRADKERN_BACKEND="torch") == "torch torch"
+    assert _run(["-c", code], tmp_path, GRADKERN_BACKEND="torch") == "torch torch"
 
 
-def test_info_command_prints_build():
-    out = subprocess.run([sys.executable, "-m", "gradkern", "info"], capture_output=True,
-                         text=True, check=True).stdout
+def test_info_command_prints_build(tmp_path):
+    out = _run(["-m", "gradkern", "info"], tmp_path)
     assert "backends:" in out and "torch" in out
     if gk.backends()["cpp"].usable:
         assert "OpenMP" in out and "SIMD" in out

@@ -1,0 +1,74 @@
+"""Bitwise reproducibility (runs, thread counts) and accuracy against float64 arithmetic."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gradkern as gk
+from conftest import make_params
+
+_SCRIPT = """
+import torch, gradkern as gk
+gk.set_backend({backend!r})
+gen = torch.Generator().manual_seed(0)
+grads = [torch.randn(n, generator=gen) for n in (3, 1_000_003, 65_536, 250_000)]
+grads.append(torch.randn(300_001, generator=gen).bfloat16())
+class P:
+    def __init__(self, g):
+        self.grad = g
+for p in (2.0, 1.0, 3.0):
+    s = gk.grad_stats([P(g) for g in grads], p)
+    print(float(s.total_norm.double()).hex(), [float(x).hex() for x in s.norm.double()])
+"""
+
+
+@pytest.mark.parametrize("name", ["cpp", "numba"])
+def test_bitwise_identical_for_any_thread_count(name, tmp_path):
+    if not gk.backends()[name].usable:
+        pytest.skip(f"{name} not usable")
+    outputs = set()
+    for threads in ("1", "2", "3"):
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "NUMBA_NUM_THREADS": threads}
+        out = subprocess.run([sys.executable, "-c", _SCRIPT.format(backend=name)], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+        outputs.add(out)
+    assert len(outputs) == 1
+
+
+def test_repeated_runs_are_bitwise_identical(backend):
+    params = make_params([(123_457,), (65_536 * 3,), (11,)], seed=3)
+    first = gk.grad_stats(params)
+    for _ in range(3):
+        again = gk.grad_stats(params)
+        assert torch.equal(first.norm, again.norm) and torch.equal(first.total_norm,
+                                                                     again.total_norm)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0])
+def test_fp32_accuracy_on_2e7_elements(backend, p):
+    gen = torch.Generator().manual_seed(11)
+    # Values in [1, 3]: all terms have one sign, which is where naive fp32 sums drift most.
+    g = torch.rand(20_000_000, generator=gen) * 2 + 1
+    exact = torch.linalg.vector_norm(g.double(), p).item()
+    got = gk.get_total_norm([g], p).double().item()
+    # 1e-6 plus the final rounding to fp32 (6e-8)
+    assert abs(got - exact) / exact <= 1e-6
+
+
+@pytest.mark.skipif(os.environ.get("GRADKERN_TEST_BIGMEM") != "1",
+                    reason="set GRADKERN_TEST_BIGMEM=1 to run (needs ~9 GB of memory)")
+def test_bigmem_tensor_over_2_31_elements(backend):
+    if backend == "torch":
+        pytest.skip("the float64 reference would need ~17 GB more")
+    n = 2**31 + 1001
+    g = torch.ones(n, dtype=torch.float32)
+    g[-1] = -3.0
+    assert gk.get_total_norm([g], float("inf")).item() == 3.0
+    assert gk.get_total_norm([g], 1.0).item() == pytest.approx(n - 1 + 3.0, rel=1e-7)
+    s = gk.grad_stats([type("P", (), {"grad": g})()])
+    assert s.numel.item() == n and s.zeros.item() == 0
+    gk.clip_grad_value_([type("P", (), {"grad": g})()], 2.0)
+    assert g[-1].item() == -2.0 and g[n // 2].item() == 1.0
