@@ -7,42 +7,25 @@ from torch.nn import utils as tnu
 import gradkern as gk
 
 
-def _grads(params):
-    return [p.grad for p in params]
+def _per_tensor_torch_stats(params):
+    return [(torch.linalg.vector_norm(p.grad), p.grad.abs().amax(), (~p.grad.isfinite()).sum(),
+             (p.grad == 0).sum()) for p in params]
 
 
+# op name -> (torch built-in, gradkern, extra args); each takes the parameter list first
+OPS = {
+    "total norm": (lambda ps: tnu.get_total_norm([p.grad for p in ps]),
+                   lambda ps: gk.get_total_norm([p.grad for p in ps]), ()),
+    "clip_grad_norm_ (no clipping)": (tnu.clip_grad_norm_, gk.clip_grad_norm_, (1e30,)),
+    "clip_grad_value_ (<1% clamped)": (tnu.clip_grad_value_, gk.clip_grad_value_, (2.6,)),
+    "all four statistics": (_per_tensor_torch_stats, gk.grad_stats, ()),
+}
+
+
+@pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("scenario", ["many_small", "large"])
-def test_total_norm(benchmark, impl, scenario, request):
+def test_op(benchmark, impl, op, scenario, request):
     params = request.getfixturevalue(scenario)
-    benchmark.group = f"total norm / {scenario}"
-    fn = tnu.get_total_norm if impl == "torch-builtin" else gk.get_total_norm
-    benchmark(fn, _grads(params))
-
-
-@pytest.mark.parametrize("scenario", ["many_small", "large"])
-def test_clip_grad_norm_no_clipping(benchmark, impl, scenario, request):
-    params = request.getfixturevalue(scenario)
-    benchmark.group = f"clip_grad_norm_ (no clipping) / {scenario}"
-    fn = tnu.clip_grad_norm_ if impl == "torch-builtin" else gk.clip_grad_norm_
-    benchmark(fn, params, 1e30)
-
-
-@pytest.mark.parametrize("scenario", ["many_small", "large"])
-def test_clip_grad_value(benchmark, impl, scenario, request):
-    params = request.getfixturevalue(scenario)
-    benchmark.group = f"clip_grad_value_ (<1% clamped) / {scenario}"
-    fn = tnu.clip_grad_value_ if impl == "torch-builtin" else gk.clip_grad_value_
-    benchmark(fn, params, 2.6)
-
-
-@pytest.mark.parametrize("scenario", ["many_small", "large"])
-def test_stats(benchmark, impl, scenario, request):
-    params = request.getfixturevalue(scenario)
-    benchmark.group = f"all four statistics / {scenario}"
-    if impl == "torch-builtin":
-        def per_tensor():
-            return [(torch.linalg.vector_norm(g), g.abs().amax(), (~g.isfinite()).sum(),
-                     (g == 0).sum()) for g in _grads(params)]
-        benchmark(per_tensor)
-    else:
-        benchmark(gk.grad_stats, params)
+    torch_fn, gk_fn, args = OPS[op]
+    benchmark.group = f"{op} / {scenario}"
+    benchmark(torch_fn if impl == "torch-builtin" else gk_fn, params, *args)
