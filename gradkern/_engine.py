@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ._norm_spec import NormKind, NormSpec
-from ._table import WorkSet, make_work_set, result_dtype
+from ._table import WorkSet, dtypes_of, make_work_set, read_dense_table, result_dtype
 from .backends import Backend, RawStats, backend_for
 
 _get_device = attrgetter("device")
@@ -44,6 +44,10 @@ class Gathered:
 def gather(tensors: list[torch.Tensor], names: Sequence[str] | None = None) -> Gathered:
     """Validate ``tensors`` (non-empty) and split them by device. Raises before touching anything."""
     first = tensors[0].device
+    dense = read_dense_table(tensors, first)
+    if dense is not None:  # the common case, read in one C loop
+        group = Group(backend_for(first), dense, None)
+        return Gathered(tensors, names, [group], first, result_dtype(dtypes_of(dense.codes)))
     if first.type == "cpu" and all(map(_is_cpu, tensors)):
         groups = [Group(backend_for(first), make_work_set(tensors, names), None)]
     else:

@@ -24,7 +24,14 @@ DTYPE_CODES: dict[torch.dtype, int] = {
     torch.bfloat16: 3,
 }
 
+_DTYPES_BY_CODE = tuple(DTYPE_CODES)  # dict order is code order
+
 _get_dtype = attrgetter("dtype")
+
+try:  # the table reader lives in the C++ module; without it the Python path below does the work
+    from ._cpu import read_tensor_table as _read_tensor_table
+except ImportError:
+    _read_tensor_table = None
 
 
 def describe(i: int, names: Sequence[str] | None) -> str:
@@ -45,9 +52,12 @@ class WorkSet:
     numel: np.ndarray  # int64 element count the user sees (dense numel for sparse tensors)
     implicit_zeros: np.ndarray | None = None  # int64, the zeros a sparse tensor does not store
     writeback: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    addresses: np.ndarray | None = None  # uint64 data pointers, when already read
 
     def table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(addresses, element counts, dtype codes): the tensor table the compiled kernels take."""
+        if self.addresses is not None:
+            return self.addresses, self.numel, self.codes
         n = len(self.work)
         data = np.fromiter(map(torch.Tensor.data_ptr, self.work), dtype=np.uint64, count=n)
         if self.implicit_zeros is None:
@@ -63,6 +73,28 @@ class WorkSet:
 def result_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
     """The dtype torch gives a norm over tensors of these dtypes (type promotion)."""
     return reduce(torch.promote_types, sorted(dtypes, key=str))
+
+
+def read_dense_table(tensors: list[torch.Tensor], device: torch.device) -> WorkSet | None:
+    """The fast path: a WorkSet over ``tensors`` read in one C loop, or None.
+
+    None unless every tensor is a plain ``torch.Tensor``, contiguous, strided, of a supported
+    dtype and on ``device``; the caller then takes :func:`make_work_set`, which handles (or
+    rejects) the rest.
+    """
+    if _read_tensor_table is None or device.type not in ("cpu", "cuda"):
+        return None
+    flag, index = ("is_cpu", -1) if device.type == "cpu" else ("is_cuda", device.index)
+    data, numel, codes, ok = _read_tensor_table(tensors, torch.Tensor, _DTYPES_BY_CODE, flag,
+                                                index)
+    if not ok.all():
+        return None
+    return WorkSet(list(tensors), codes, numel, addresses=data)
+
+
+def dtypes_of(codes: np.ndarray) -> set[torch.dtype]:
+    """The dtypes present in a WorkSet, from its codes."""
+    return {_DTYPES_BY_CODE[c] for c in np.flatnonzero(np.bincount(codes, minlength=4))}
 
 
 def make_work_set(tensors: list[torch.Tensor], names: Sequence[str] | None = None) -> WorkSet:

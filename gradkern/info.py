@@ -34,7 +34,8 @@ def print_info() -> None:
         print(f"CPU module : {cpu['compiler']}")
         print(f"  flags    : {cpu['flags']}")
         print(f"  OpenMP   : {'yes' if cpu['openmp'] else 'no'} ({cpu['max_threads']} threads)")
-        print(f"  SIMD     : {cpu['simd']}")
+        print(f"  SIMD     : baseline {cpu['simd']}; hot loops built for {cpu['kernel_isas']},"
+              f" running {cpu['active_isa']}")
     else:
         print("CPU module : not built")
     cu = r["cuda_build"]

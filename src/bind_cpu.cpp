@@ -8,6 +8,7 @@
 
 #include "gradkern/build_info.h"
 #include "gradkern/ops.h"
+#include "python_tensor_table.h"
 
 namespace py = pybind11;
 using namespace gradkern;
@@ -83,6 +84,11 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("clip_in_place", &py_clip_in_place, py::arg("data"), py::arg("numel"), py::arg("dtype"),
         py::arg("coef"), py::arg("clip_value"),
         "Scale each tensor by its coefficient when < 1, then clamp to +-clip_value.");
+  m.def("read_tensor_table", &gradkern_py::read_tensor_table, py::arg("tensors"),
+        py::arg("tensor_type"), py::arg("dtypes"), py::arg("device_flag"),
+        py::arg("device_index"),
+        "(data, numel, codes, ok) of a list of torch tensors, read in one C loop; ok is False "
+        "where a tensor needs the general Python path.");
   m.def("build_info", [] {
     const BuildInfo b = build_info();
     py::dict d;
@@ -90,6 +96,8 @@ PYBIND11_MODULE(_cpu, m) {
     d["flags"] = b.flags;
     d["openmp"] = b.openmp;
     d["simd"] = b.simd;
+    d["kernel_isas"] = b.kernel_isas;
+    d["active_isa"] = b.active_isa;
     d["max_threads"] = b.max_threads;
     return d;
   });

@@ -33,10 +33,14 @@ def backend(request):
 
 
 def reference_norm(tensors, p: float) -> torch.Tensor:
-    """The p-norm of the tensors as one vector, in float64 (sparse tensors densified)."""
+    """The p-norm of the tensors as one vector, in float64 (sparse tensors densified).
+
+    With no elements at all the answer is the identity of the reduction: 0, or +inf for the
+    -inf "norm" (a min over nothing), where torch raises for the infinite norms.
+    """
     flat = [t.to_dense().double().reshape(-1) for t in tensors]
-    if not flat:
-        return torch.tensor(0.0, dtype=torch.float64)
+    if sum(f.numel() for f in flat) == 0:
+        return torch.tensor(float("inf") if p == float("-inf") else 0.0, dtype=torch.float64)
     return torch.linalg.vector_norm(torch.cat(flat), p)
 
 

@@ -72,3 +72,49 @@ def test_bigmem_tensor_over_2_31_elements(backend):
     assert s.numel.item() == n and s.zeros.item() == 0
     gk.clip_grad_value_([type("P", (), {"grad": g})()], 2.0)
     assert g[-1].item() == -2.0 and g[n // 2].item() == 1.0
+
+
+_ISA_SCRIPT = """
+import torch, gradkern as gk
+gk.set_backend("cpp")
+gen = torch.Generator().manual_seed(1)
+out = []
+for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in (1, 17, 65_536 + 5, 100_003)]
+    grads[2][::7] = 0
+    grads.append(grads[3].clone())
+    grads[-1][12_345] = float("nan")
+    grads[-1][99_999] = float("inf")
+    for p in (2.0, 1.0, float("inf"), 0.0, 3.0, float("-inf")):
+        s = gk.grad_stats(grads[:4], p)
+        out.append([float(x).hex() for x in s.norm.double()])
+        out.append([float(x).hex() for x in s.max_abs.double()] + s.zeros.tolist())
+        s = gk.grad_stats(grads, p)
+        out.append(s.nonfinite.tolist())
+    clipped = [g.clone() for g in grads]
+    gk.clip_(clipped, max_norm=1.0, value=0.01)
+    out.append([g.view(torch.int16 if g.element_size() == 2 else torch.int32
+                       if g.element_size() == 4 else torch.int64).sum().item() for g in clipped])
+    clamped = [g.clone() for g in grads]
+    gk.clip_(clamped, value=1.5)
+    out.append([g.view(torch.int16 if g.element_size() == 2 else torch.int32
+                       if g.element_size() == 4 else torch.int64).sum().item() for g in clamped])
+print(out)
+"""
+
+
+def test_baseline_and_avx2_kernels_agree_bitwise(tmp_path):
+    """The hot loops are built twice (portable and AVX2); both must give the same bits."""
+    if not gk.backends()["cpp"].usable:
+        pytest.skip("cpp not usable")
+    from gradkern.backends import cpp
+
+    if "avx2" not in cpp._cpu.build_info()["kernel_isas"].split():
+        pytest.skip("only the baseline build of the hot loops exists on this platform")
+    outputs = {}
+    for isa in ("baseline", "native"):
+        env = {**os.environ, "GRADKERN_CPU_ISA": isa}
+        outputs[isa] = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env,
+                                      cwd=tmp_path, capture_output=True, text=True,
+                                      check=True).stdout
+    assert outputs["baseline"] == outputs["native"]

@@ -1,5 +1,6 @@
 #include "gradkern/build_info.h"
 
+#include "gradkern/fast_kernels.h"
 #include "gradkern/parallel.h"
 
 #ifndef GRADKERN_CXX_FLAGS
@@ -49,6 +50,11 @@ BuildInfo build_info() {
 #endif
   if (!simd.empty()) simd.pop_back();
   info.simd = simd.empty() ? "none" : simd;
+  info.kernel_isas = "baseline";
+#if defined(GRADKERN_HAVE_AVX2_KERNELS)
+  info.kernel_isas += " avx2";
+#endif
+  info.active_isa = fast_kernels().isa;
   info.max_threads = max_threads();
   return info;
 }

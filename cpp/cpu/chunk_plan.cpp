@@ -18,6 +18,18 @@ ChunkPlan plan_chunks(const TensorTable& table) {
       plan.chunks.push_back({t, b, e});
     }
   }
+  plan.item_begin.push_back(0);
+  std::int64_t in_item = 0;
+  for (std::size_t i = 0; i < plan.chunks.size(); ++i) {
+    const std::int64_t n = plan.chunks[i].end - plan.chunks[i].begin;
+    if (in_item > 0 && in_item + n > kChunkElems) {
+      plan.item_begin.push_back(static_cast<std::int64_t>(i));
+      in_item = 0;
+    }
+    in_item += n;
+  }
+  plan.item_begin.push_back(static_cast<std::int64_t>(plan.chunks.size()));
+  if (plan.chunks.empty()) plan.item_begin.pop_back();  // no items at all
   return plan;
 }
 

@@ -3,55 +3,34 @@
 // A tensor whose coefficient is >= 1 is not scaled at all, and clamping writes only the elements
 // that change: a clip that does not clip costs one read pass and dirties no cache line.
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "gradkern/element_access.h"
 #include "gradkern/ops.h"
+#include "gradkern/fast_kernels.h"
 #include "gradkern/parallel.h"
-#include "gradkern/simd_clones.h"
 
 namespace gradkern {
 namespace {
 
-constexpr std::int64_t kBlock = 64;
-
-// Clamp to [-c, c], touching memory only where a value changes. Blocks are first tested with a
-// branch-free (vectorizable) scan; the rare blocks that hold an outlier are then fixed one by one.
+// The clip bound is the dtype's own value nearest clip_value: what torch's clamp compares against.
 template <class Access>
-GRADKERN_SIMD_CLONES void clamp_chunk(typename Access::storage* x, std::int64_t n, typename Access::compute c) {
-  using C = typename Access::compute;
-  const typename Access::storage hi = Access::store(c), lo = Access::store(-c);
-  for (std::int64_t b = 0; b < n; b += kBlock) {
-    const std::int64_t e = b + kBlock < n ? b + kBlock : n;
-    int outside = 0;
-    for (std::int64_t i = b; i < e; ++i) {
-      const C v = Access::load(x[i]);
-      outside |= (v > c) | (v < -c);
-    }
-    if (!outside) continue;
-    for (std::int64_t i = b; i < e; ++i) {
-      const C v = Access::load(x[i]);
-      if (v > c) x[i] = hi;
-      else if (v < -c) x[i] = lo;
-    }
-  }
+typename Access::storage bound_in_dtype(double clip_value) {
+  return Access::store(static_cast<typename Access::compute>(clip_value));
 }
 
+// ... and its magnitude bits, which is what the clamp loop compares.
 template <class Access>
-GRADKERN_SIMD_CLONES void scale_clamp_chunk(typename Access::storage* x, std::int64_t n, typename Access::compute coef,
-                       typename Access::compute c) {
-  using C = typename Access::compute;
-  for (std::int64_t i = 0; i < n; ++i) {
-    C v = Access::load(x[i]) * coef;
-    v = v > c ? c : v;
-    v = v < -c ? -c : v;
-    x[i] = Access::store(v);
-  }
-}
-
-template <class Access>
-typename Access::compute round_to_dtype(double v) {
-  return Access::load(Access::store(static_cast<typename Access::compute>(v)));
+std::uint64_t bound_bits(double clip_value) {
+  const typename Access::storage v = bound_in_dtype<Access>(clip_value);
+  using Bits = std::conditional_t<sizeof v == 8, std::uint64_t,
+                                  std::conditional_t<sizeof v == 4, std::uint32_t, std::uint16_t>>;
+  Bits b;
+  std::memcpy(&b, &v, sizeof b);
+  return static_cast<Bits>(b & (static_cast<Bits>(~Bits{0}) >> 1));
 }
 
 }  // namespace
@@ -59,22 +38,24 @@ typename Access::compute round_to_dtype(double v) {
 void clip_in_place(const TensorTable& table, const double* coef, std::int64_t n_coef,
                    double clip_value) {
   const ChunkPlan plan = plan_chunks(table);
-  parallel_for(static_cast<std::int64_t>(plan.chunks.size()), [&](std::int64_t i) {
+  const FastKernels& fast = fast_kernels();
+  const bool clamp = !std::isinf(clip_value);
+  parallel_for_ranges(plan.item_begin.data(), plan.n_items(), [&](std::int64_t i) {
     const Chunk& ch = plan.chunks[i];
     const double k = coef == nullptr ? 1.0 : coef[n_coef == 1 ? 0 : ch.tensor];
-    const bool scale = !(k >= 1.0);
-    const bool clamp = !std::isinf(clip_value);
+    const bool scale = !(k >= 1.0);  // a NaN coefficient scales, poisoning the tensor as torch does
     if (!scale && !clamp) return;
-    dispatch_dtype(table.dtype[ch.tensor], [&](auto access) {
+    const std::int8_t dtype = table.dtype[ch.tensor];
+    dispatch_dtype(dtype, [&](auto access) {
       using A = decltype(access);
-      using C = typename A::compute;
       auto* x = reinterpret_cast<typename A::storage*>(table.data[ch.tensor]) + ch.begin;
-      // The bound is the dtype's own value nearest clip_value, as torch's clamp uses.
-      const C c = clamp ? round_to_dtype<A>(clip_value) : std::numeric_limits<C>::infinity();
+      const std::int64_t n = ch.end - ch.begin;
       if (scale) {
-        scale_clamp_chunk<A>(x, ch.end - ch.begin, static_cast<C>(k), c);
+        const double c = clamp ? static_cast<double>(A::load(bound_in_dtype<A>(clip_value)))
+                               : std::numeric_limits<double>::infinity();
+        fast.scale_clamp[dtype](x, n, k, c);
       } else {
-        clamp_chunk<A>(x, ch.end - ch.begin, c);
+        fast.clamp[dtype](x, n, bound_bits<A>(clip_value));
       }
     });
   });

@@ -9,7 +9,9 @@ struct BuildInfo {
   std::string compiler;
   std::string flags;
   bool openmp;
-  std::string simd;   // instruction-set extensions the compiler was allowed to use
+  std::string simd;         // extensions the baseline build was allowed to use
+  std::string kernel_isas;  // builds of the hot loops compiled in (cpp/cpu/isa/)
+  std::string active_isa;   // the one this CPU runs
   int max_threads;
 };
 

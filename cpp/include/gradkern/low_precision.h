@@ -2,6 +2,10 @@
 //
 // The build does not assume any instruction set beyond the compiler's default, so the half
 // conversion is done with integer arithmetic. It is exact for every input, NaN and inf included.
+//
+// The functions are `static`: the per-ISA kernel file (cpp/cpu/isa/) is compiled with AVX2 and
+// without, and an external inline copy built with AVX2 could otherwise be the one the linker
+// keeps for the baseline code.
 #pragma once
 
 #include <cstdint>
@@ -9,28 +13,28 @@
 
 namespace gradkern {
 
-inline float bits_to_float(std::uint32_t u) {
+static inline float bits_to_float(std::uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
 
-inline std::uint32_t float_to_bits(float f) {
+static inline std::uint32_t float_to_bits(float f) {
   std::uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
 
-inline float bf16_to_float(std::uint16_t h) { return bits_to_float(std::uint32_t{h} << 16); }
+static inline float bf16_to_float(std::uint16_t h) { return bits_to_float(std::uint32_t{h} << 16); }
 
-inline std::uint16_t float_to_bf16(float f) {
+static inline std::uint16_t float_to_bf16(float f) {
   std::uint32_t u = float_to_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);  // quiet NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<std::uint16_t>(u >> 16);
 }
 
-inline float f16_to_float(std::uint16_t h) {
+static inline float f16_to_float(std::uint16_t h) {
   // Place the half's exponent and mantissa in a float and rescale by 2^112: exact for normals
   // and subnormals alike; inf/NaN are patched.
   const std::uint32_t sign = std::uint32_t{h & 0x8000u} << 16;
@@ -40,7 +44,7 @@ inline float f16_to_float(std::uint16_t h) {
   return bits_to_float(float_to_bits(mag) | sign);
 }
 
-inline std::uint16_t float_to_f16(float f) {
+static inline std::uint16_t float_to_f16(float f) {
   const std::uint32_t u = float_to_bits(f);
   const std::uint16_t sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
   const std::uint32_t a = u & 0x7fffffffu;

@@ -9,19 +9,29 @@
 
 namespace gradkern {
 
-// Calls body(i) for i in [0, n). Items are handed out dynamically because chunk sizes differ
-// (one huge tensor next to thousands of tiny ones); each body writes only its own outputs, so
-// the result does not depend on which thread ran what.
+// Calls body(i) for i in [0, n). Items are handed out dynamically (one at a time: callers make
+// items of similar size); each body writes only its own outputs, so the result does not depend
+// on which thread ran what.
 template <class Body>
 void parallel_for(std::int64_t n, const Body& body) {
 #ifdef GRADKERN_WITH_OPENMP
   if (n > 1 && omp_get_max_threads() > 1) {
-#pragma omp parallel for schedule(dynamic, 4)
+#pragma omp parallel for schedule(dynamic, 1)
     for (std::int64_t i = 0; i < n; ++i) body(i);
     return;
   }
 #endif
   for (std::int64_t i = 0; i < n; ++i) body(i);
+}
+
+// Calls body(i) for every i in [bounds[k], bounds[k + 1]) for each of the n_ranges ranges. A range
+// runs in order on one thread; ranges are handed out dynamically. Grouping many tiny items into
+// one range keeps the scheduling cost per item negligible.
+template <class Body>
+void parallel_for_ranges(const std::int64_t* bounds, std::int64_t n_ranges, const Body& body) {
+  parallel_for(n_ranges, [&](std::int64_t k) {
+    for (std::int64_t i = bounds[k]; i < bounds[k + 1]; ++i) body(i);
+  });
 }
 
 inline int max_threads() {

@@ -12,6 +12,12 @@ namespace gradkern {
 // Codes shared with gradkern/_table.py. Do not renumber.
 enum class DType : int8_t { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
 
+constexpr int element_size(std::int8_t code) {
+  return code == static_cast<std::int8_t>(DType::f64)   ? 8
+         : code == static_cast<std::int8_t>(DType::f32) ? 4
+                                                        : 2;
+}
+
 struct TensorTable {
   const std::uint64_t* data;  // base address of each tensor's contiguous storage
   const std::int64_t* numel;  // element count of each tensor
@@ -30,10 +36,15 @@ struct Chunk {
 };
 
 // Chunks of every tensor in table order; chunks of tensor t are contiguous, starting at
-// first_chunk[t] (first_chunk has size+1 entries).
+// first_chunk[t] (first_chunk has size+1 entries). Consecutive chunks are grouped into work
+// items of at most kChunkElems elements (a full chunk is an item of its own; thousands of tiny
+// tensors share items): item k covers chunks [item_begin[k], item_begin[k + 1]).
 struct ChunkPlan {
   std::vector<Chunk> chunks;
   std::vector<std::int64_t> first_chunk;
+  std::vector<std::int64_t> item_begin;
+
+  std::int64_t n_items() const { return static_cast<std::int64_t>(item_begin.size()) - 1; }
 };
 
 ChunkPlan plan_chunks(const TensorTable& table);

@@ -1,0 +1,321 @@
+// The hot loops of tensor_stats and clip_in_place, written with GCC/Clang vector extensions.
+//
+// This file is compiled once per instruction set (CMake defines GRADKERN_ISA to `baseline` or
+// `avx2` and adds the matching -m flags). Everything here has internal linkage so that no AVX2
+// code can leak into the baseline build through the linker; the only exported symbol is
+// fast_kernels_<ISA>().
+//
+// The trick that keeps the stats loop short: for IEEE formats the magnitude bits |x| (the bit
+// pattern with the sign cleared) order exactly like |x| as integers, and every pattern above the
+// infinity pattern is a NaN. One integer max over the magnitude bits therefore gives max|g| and
+// says whether the chunk holds NaN or inf; an integer compare with zero counts the zeros. Only
+// the power sum needs floating point.
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+#include "gradkern/fast_kernels.h"
+#include "gradkern/low_precision.h"
+
+#ifndef GRADKERN_ISA
+#error "compile this file with -DGRADKERN_ISA=<name>"
+#endif
+#define GRADKERN_CONCAT2(a, b) a##b
+#define GRADKERN_CONCAT(a, b) GRADKERN_CONCAT2(a, b)
+#define GRADKERN_STRINGIFY2(a) #a
+#define GRADKERN_STRINGIFY(a) GRADKERN_STRINGIFY2(a)
+
+namespace gradkern {
+namespace {
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef double f64x4 __attribute__((vector_size(32)));
+typedef std::int32_t i32x8 __attribute__((vector_size(32)));
+typedef std::int64_t i64x4 __attribute__((vector_size(32)));
+typedef std::uint16_t u16x8 __attribute__((vector_size(16)));
+
+template <class To, class From>
+inline To bit_cast(const From& v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between different sizes");
+  To out;
+  __builtin_memcpy(&out, &v, sizeof out);
+  return out;
+}
+
+template <class V>
+inline V load(const void* p) {  // unaligned
+  V v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// fp32 -> fp64 of four lanes. GCC 12 splits __builtin_convertvector(f32x4 -> f64x4) into two
+// 128-bit converts, so the AVX build says what it wants.
+inline f64x4 widen(f32x4 f) {
+#if defined(__AVX__)
+  return reinterpret_cast<f64x4>(_mm256_cvtps_pd(reinterpret_cast<__m128>(f)));
+#else
+  return __builtin_convertvector(f, f64x4);
+#endif
+}
+inline f64x4 low_half_f64(f32x8 f) { return widen(__builtin_shufflevector(f, f, 0, 1, 2, 3)); }
+inline f64x4 high_half_f64(f32x8 f) { return widen(__builtin_shufflevector(f, f, 4, 5, 6, 7)); }
+
+// ---- element formats -----------------------------------------------------------------------
+// Each format reads kBlock = 16 elements as kVecs magnitude vectors, turns magnitudes into
+// values, and knows its infinity pattern. 32-bit formats hold 8 magnitudes per vector.
+
+constexpr int kBlock = kLanes;
+
+template <class Derived, class Storage>
+struct Narrow {  // fp32, fp16, bf16: magnitudes in int32 lanes, values computed in fp32
+  using storage = Storage;
+  using mag_t = std::int32_t;
+  using MagVec = i32x8;
+  static constexpr int kVecs = 2;
+  // Values of a block as 16 fp64 lanes: lanes 0-3, 4-7, 8-11, 12-15.
+  static void values_f64(const MagVec m[2], f64x4 out[4]) {
+    const f32x8 a = Derived::values(m[0]), b = Derived::values(m[1]);
+    out[0] = low_half_f64(a);
+    out[1] = high_half_f64(a);
+    out[2] = low_half_f64(b);
+    out[3] = high_half_f64(b);
+  }
+};
+
+struct F32Fmt : Narrow<F32Fmt, float> {
+  using bits_t = std::uint32_t;
+  static constexpr mag_t kInfBits = 0x7f800000;
+  static void load_mags(const storage* x, MagVec m[2]) {
+    m[0] = load<i32x8>(x) & 0x7fffffff;
+    m[1] = load<i32x8>(x + 8) & 0x7fffffff;
+  }
+  static f32x8 values(MagVec m) { return bit_cast<f32x8>(m); }
+  static double value(mag_t m) { return bit_cast<float>(m); }
+};
+
+struct BF16Fmt : Narrow<BF16Fmt, std::uint16_t> {
+  using bits_t = std::uint16_t;
+  static constexpr mag_t kInfBits = 0x7f80;
+  static void load_mags(const storage* x, MagVec m[2]) {
+    m[0] = __builtin_convertvector(load<u16x8>(x), i32x8) & 0x7fff;
+    m[1] = __builtin_convertvector(load<u16x8>(x + 8), i32x8) & 0x7fff;
+  }
+  static f32x8 values(MagVec m) { return bit_cast<f32x8>(m << 16); }
+  static double value(mag_t m) { return bit_cast<float>(m << 16); }
+};
+
+struct F16Fmt : Narrow<F16Fmt, std::uint16_t> {
+  using bits_t = std::uint16_t;
+  static constexpr mag_t kInfBits = 0x7c00;
+  static void load_mags(const storage* x, MagVec m[2]) {
+    m[0] = __builtin_convertvector(load<u16x8>(x), i32x8) & 0x7fff;
+    m[1] = __builtin_convertvector(load<u16x8>(x + 8), i32x8) & 0x7fff;
+  }
+  // Exponent and mantissa placed in a float, rescaled by 2^112: exact for finite halves,
+  // subnormals included (only finite chunks reach here).
+  static f32x8 values(MagVec m) { return bit_cast<f32x8>(m << 13) * 0x1p112f; }
+  static double value(mag_t m) { return bit_cast<float>(m << 13) * 0x1p112f; }
+};
+
+struct F64Fmt {
+  using storage = double;
+  using bits_t = std::uint64_t;
+  using mag_t = std::int64_t;
+  using MagVec = i64x4;
+  static constexpr int kVecs = 4;
+  static constexpr mag_t kInfBits = 0x7ff0000000000000;
+  static void load_mags(const storage* x, MagVec m[4]) {
+    for (int v = 0; v < 4; ++v) m[v] = load<i64x4>(x + 4 * v) & 0x7fffffffffffffff;
+  }
+  static void values_f64(const MagVec m[4], f64x4 out[4]) {
+    for (int v = 0; v < 4; ++v) out[v] = bit_cast<f64x4>(m[v]);
+  }
+  static double value(mag_t m) { return bit_cast<double>(m); }
+};
+
+template <class Fmt>
+inline typename Fmt::mag_t mag_of(const typename Fmt::storage* x) {
+  typename Fmt::bits_t b;
+  __builtin_memcpy(&b, x, sizeof b);
+  using Mag = typename Fmt::mag_t;
+  return static_cast<Mag>(b) & static_cast<Mag>(Fmt::kInfBits | (Fmt::kInfBits - 1));
+}
+
+template <NormKind K, class V>
+inline V power_term(V a) {
+  if constexpr (K == NormKind::l2) return a * a;
+  return a;  // l1
+}
+
+// ---- stats ---------------------------------------------------------------------------------
+
+template <class Fmt, NormKind K>
+FastStats stats(const void* data, std::int64_t n) {
+  using MagVec = typename Fmt::MagVec;
+  using Mag = typename Fmt::mag_t;
+  constexpr int kV = Fmt::kVecs;
+  const auto* x = static_cast<const typename Fmt::storage*>(data);
+
+  f64x4 s0 = {}, s1 = {}, s2 = {}, s3 = {};  // lanes 0-3, 4-7, 8-11, 12-15
+  MagVec max_mag[kV] = {};
+  MagVec zeros[kV] = {};  // counts down: a true vector compare is -1
+  auto block = [&](const typename Fmt::storage* p) {
+    MagVec m[kV];
+    Fmt::load_mags(p, m);
+    for (int v = 0; v < kV; ++v) {
+      max_mag[v] = m[v] > max_mag[v] ? m[v] : max_mag[v];
+      zeros[v] += m[v] == 0;
+    }
+    if constexpr (K != NormKind::none) {
+      f64x4 a[4];
+      Fmt::values_f64(m, a);
+      s0 += power_term<K>(a[0]);
+      s1 += power_term<K>(a[1]);
+      s2 += power_term<K>(a[2]);
+      s3 += power_term<K>(a[3]);
+    }
+  };
+  const std::int64_t n_main = n - n % kBlock;
+  for (std::int64_t i = 0; i < n_main; i += kBlock) block(x + i);
+  // The tail runs as one more block padded with +0: element i still lands in lane i % 16, adding
+  // +0 leaves a lane sum unchanged, and the padding zeros are taken off the count below.
+  const std::int64_t tail = n - n_main;
+  if (tail) {
+    typename Fmt::storage padded[kBlock] = {};
+    __builtin_memcpy(padded, x + n_main, static_cast<std::size_t>(tail) * sizeof(padded[0]));
+    block(padded);
+  }
+
+  // Fold the vectors once (through memory, so the loop above keeps them in registers).
+  constexpr int kW = static_cast<int>(sizeof(MagVec) / sizeof(Mag));
+  MagVec top_vec = max_mag[0], zero_vec = zeros[0];
+  for (int v = 1; v < kV; ++v) {
+    top_vec = max_mag[v] > top_vec ? max_mag[v] : top_vec;
+    zero_vec += zeros[v];
+  }
+  Mag tops[kW], zero_lanes[kW];
+  __builtin_memcpy(tops, &top_vec, sizeof tops);
+  __builtin_memcpy(zero_lanes, &zero_vec, sizeof zero_lanes);
+  Mag top = 0;
+  std::int64_t zero_count = tail ? tail - kBlock : 0;
+  for (int l = 0; l < kW; ++l) {
+    top = tops[l] > top ? tops[l] : top;
+    zero_count -= zero_lanes[l];
+  }
+  FastStats r{0.0, 0.0, zero_count, top < Fmt::kInfBits};
+  const f64x4 sums[4] = {s0, s1, s2, s3};
+  double lanes[kLanes];
+  __builtin_memcpy(lanes, sums, sizeof lanes);
+  for (int j = 0; j < kLanes; ++j) r.power_sum += lanes[j];  // fixed lane order
+  if (r.finite) r.max_abs = Fmt::value(top);
+  return r;
+}
+
+// ---- clamp ---------------------------------------------------------------------------------
+
+template <class V>
+inline bool any_set(V v) {
+  auto bits = bit_cast<i64x4>(v);
+  return (bits[0] | bits[1] | bits[2] | bits[3]) != 0;
+}
+
+// Scans kScan elements at a time without writing; a group that holds a value beyond the bound
+// (and not NaN) is then fixed element by element. With few outliers this is one read pass.
+constexpr std::int64_t kScan = 4 * kBlock;
+
+template <class Fmt>
+void clamp(void* data, std::int64_t n, std::uint64_t bound_bits) {
+  using MagVec = typename Fmt::MagVec;
+  using Mag = typename Fmt::mag_t;
+  using Bits = typename Fmt::bits_t;
+  auto* x = static_cast<typename Fmt::storage*>(data);
+  const Mag bound = static_cast<Mag>(bound_bits);
+  const Bits sign = static_cast<Bits>(Bits{1} << (8 * sizeof(Bits) - 1));
+
+  auto fix = [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i) {
+      const Mag m = mag_of<Fmt>(x + i);
+      if (m > bound && m <= Fmt::kInfBits) {
+        Bits b;
+        __builtin_memcpy(&b, x + i, sizeof b);
+        b = static_cast<Bits>((b & sign) | static_cast<Bits>(bound));
+        __builtin_memcpy(x + i, &b, sizeof b);
+      }
+    }
+  };
+  const std::int64_t n_main = n - n % kScan;
+  for (std::int64_t g = 0; g < n_main; g += kScan) {
+    MagVec outside = {};
+    for (std::int64_t i = g; i < g + kScan; i += kBlock) {
+      MagVec m[Fmt::kVecs];
+      Fmt::load_mags(x + i, m);
+      for (int v = 0; v < Fmt::kVecs; ++v) outside |= (m[v] > bound) & (m[v] <= Fmt::kInfBits);
+    }
+    if (any_set(outside)) fix(g, g + kScan);
+  }
+  fix(n_main, n);
+}
+
+// ---- scale then clamp ----------------------------------------------------------------------
+// Every element is rewritten here (the coefficient is < 1), so this is one read+write pass; the
+// compiler vectorizes the fp32/fp64 loops, the half formats go through the portable converters.
+
+template <class T>
+inline T clamp_value(T v, T c) {
+  v = v > c ? c : v;  // NaN compares false both times and stays NaN
+  return v < -c ? -c : v;
+}
+
+template <class Fmt>
+void scale_clamp(void* data, std::int64_t n, double coef, double bound) {
+  auto* x = static_cast<typename Fmt::storage*>(data);
+  if constexpr (sizeof(typename Fmt::storage) == 2) {
+    constexpr bool bf16 = std::is_same_v<Fmt, BF16Fmt>;
+    const float k = static_cast<float>(coef), c = static_cast<float>(bound);
+    for (std::int64_t i = 0; i < n; ++i) {
+      const float v = clamp_value((bf16 ? bf16_to_float(x[i]) : f16_to_float(x[i])) * k, c);
+      x[i] = bf16 ? float_to_bf16(v) : float_to_f16(v);
+    }
+  } else {
+    using T = typename Fmt::storage;
+    const T k = static_cast<T>(coef), c = static_cast<T>(bound);
+    for (std::int64_t i = 0; i < n; ++i) x[i] = clamp_value(x[i] * k, c);
+  }
+}
+
+// ---- the table -----------------------------------------------------------------------------
+
+template <class Fmt>
+void fill(FastKernels& t, DType d) {
+  const int i = static_cast<int>(d);
+  t.stats[i][0] = &stats<Fmt, NormKind::none>;
+  t.stats[i][1] = &stats<Fmt, NormKind::l1>;
+  t.stats[i][2] = &stats<Fmt, NormKind::l2>;
+  t.clamp[i] = &clamp<Fmt>;
+  t.scale_clamp[i] = &scale_clamp<Fmt>;
+}
+
+FastKernels make_table() {
+  FastKernels t{};
+  t.isa = GRADKERN_STRINGIFY(GRADKERN_ISA);
+  fill<F32Fmt>(t, DType::f32);
+  fill<F64Fmt>(t, DType::f64);
+  fill<F16Fmt>(t, DType::f16);
+  fill<BF16Fmt>(t, DType::bf16);
+  return t;
+}
+
+}  // namespace
+
+const FastKernels& GRADKERN_CONCAT(fast_kernels_, GRADKERN_ISA)() {
+  static const FastKernels table = make_table();
+  return table;
+}
+
+}  // namespace gradkern
