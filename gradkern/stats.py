@@ -63,7 +63,7 @@ def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0) -> GradStats
         return GradStats(names, empty_f, empty_f, empty_i, empty_i, empty_i, torch.tensor(0.0))
     g = _engine.gather(grads, names)
     raw, numel = _engine.tensor_stats(g, spec)
-    out_dtype = torch.float64 if torch.float64 in {t.dtype for t in grads} else torch.float32
+    out_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
     return GradStats(
         names=names,
         norm=_engine.per_tensor_norms(raw, numel, spec).to(out_dtype),

@@ -1,8 +1,13 @@
-"""Numba twins of cpp/cpu/tensor_stats.cpp and cpp/cpu/clip_in_place.cpp.
+"""Numba twins of cpp/cpu/tensor_stats.cpp, cpp/cpu/isa/fast_kernels.cpp and
+cpp/cpu/clip_in_place.cpp.
 
-Same chunk plan, same per-chunk lane structure for the power sums (16 lanes folded in order,
-chunks folded in order), fp64 accumulation: results match the C++ kernels. Tensors arrive as
-raw addresses, as in C++; fp16/bf16 are read through their bit patterns.
+Same chunk plan and fp64 accumulation as the C++ kernels, chunks folded in order, so results
+do not depend on the thread count. As in C++, the common kinds (p = 1, 2, inf, 0) of finite
+chunks take a fast loop over the magnitude bits (|x| with the sign cleared: one integer max
+gives max |g| and flags NaN/inf); that loop lets LLVM split the fp64 sum into vector lanes
+(``fastmath={"reassoc"}``), so its last bits can differ from the C++ sum (it stays within the
+same error bound). Other kinds and chunks with NaN/inf take the exact 16-lane loop.
+Tensors arrive as raw addresses, as in C++; fp16/bf16 are read through their bit patterns.
 """
 
 from __future__ import annotations
@@ -48,6 +53,17 @@ def _bits_f32(typingctx, bits):
         return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(bits), codegen
+
+
+@intrinsic
+def _bits_f64(typingctx, bits):
+    if bits != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(bits), codegen
 
 
 def _half_to_float_table() -> np.ndarray:
@@ -143,6 +159,97 @@ def _reduce(x, table, kind, p, max_finite):
     return total, max_abs, nonfinite, zeros, nans > 0
 
 
+# ---- the fast loop: finite chunks, kinds none / l1 / l2 ------------------------------------
+# Each returns (power sum, max magnitude bits, zero count); the caller checks the bits against
+# the format's infinity pattern and decodes max |g| from them.
+
+_REASSOC = {"reassoc"}  # only reassociation: no FMA contraction, no NaN/inf assumptions
+
+
+@njit(cache=True, fastmath=_REASSOC)
+def _fast_f32(u, kind):
+    top = np.uint32(0)
+    zeros = 0
+    s = 0.0
+    for i in range(u.shape[0]):
+        m = np.uint32(u[i] & np.uint32(0x7FFFFFFF))  # numba widens small ints; narrow back
+        top = max(top, m)
+        zeros += m == 0
+        v = np.float64(_bits_f32(m))
+        if kind == KIND_L2:
+            s += v * v
+        elif kind == KIND_L1:
+            s += v
+    return s, np.float64(_bits_f32(top)), top >= np.uint32(0x7F800000), zeros
+
+
+@njit(cache=True, fastmath=_REASSOC)
+def _fast_f64(u, kind):
+    top = np.uint64(0)
+    zeros = 0
+    s = 0.0
+    for i in range(u.shape[0]):
+        m = np.uint64(u[i] & np.uint64(0x7FFFFFFFFFFFFFFF))
+        top = max(top, m)
+        zeros += m == 0
+        v = _bits_f64(m)
+        if kind == KIND_L2:
+            s += v * v
+        elif kind == KIND_L1:
+            s += v
+    return s, _bits_f64(top), top >= np.uint64(0x7FF0000000000000), zeros
+
+
+@njit(cache=True, fastmath=_REASSOC)
+def _fast_half(u, kind, is_bf16):
+    """fp16 magnitudes become floats exactly as exponent+mantissa placed in a float times
+    2^112 (subnormals included); bf16 magnitudes are the top half of a float."""
+    top = np.uint32(0)
+    zeros = 0
+    s = 0.0
+    shift = np.uint32(16) if is_bf16 else np.uint32(13)
+    scale = np.float32(1.0) if is_bf16 else np.float32(2.0**112)
+    for i in range(u.shape[0]):
+        m = np.uint32(u[i] & np.uint16(0x7FFF))
+        top = max(top, m)
+        zeros += m == 0
+        v = np.float64(_bits_f32(np.uint32(m << shift)) * scale)
+        if kind == KIND_L2:
+            s += v * v
+        elif kind == KIND_L1:
+            s += v
+    inf_bits = np.uint32(0x7F80) if is_bf16 else np.uint32(0x7C00)
+    top_value = np.float64(_bits_f32(np.uint32(top << shift)) * scale)
+    return s, top_value, top >= inf_bits, zeros
+
+
+@njit(cache=True)
+def _reduce_chunk(address, code, n, kind, p):
+    """(power sum, max |g|, non-finite count, zero count, has NaN) of one chunk."""
+    fast = kind == KIND_NONE or kind == KIND_L1 or kind == KIND_L2
+    if code == F32:
+        if fast:
+            s, mx, nonfinite, zeros = _fast_f32(carray(_as_pointer(address), (n,), np.uint32), kind)
+            if not nonfinite:
+                return s, mx, 0, zeros, False
+        x32 = carray(_as_pointer(address), (n,), np.float32)
+        return _reduce(x32, HALF_TABLE, kind, p, np.float32(3.4028234663852886e38))
+    if code == F64:
+        if fast:
+            s, mx, nonfinite, zeros = _fast_f64(carray(_as_pointer(address), (n,), np.uint64), kind)
+            if not nonfinite:
+                return s, mx, 0, zeros, False
+        x64 = carray(_as_pointer(address), (n,), np.float64)
+        return _reduce(x64, HALF_TABLE, kind, p, np.float64(1.7976931348623157e308))
+    x16 = carray(_as_pointer(address), (n,), np.uint16)
+    if fast:
+        s, mx, nonfinite, zeros = _fast_half(x16, kind, code == BF16)
+        if not nonfinite:
+            return s, mx, 0, zeros, False
+    tbl = HALF_TABLE if code == F16 else BF16_TABLE
+    return _reduce(x16, tbl, kind, p, np.float32(3.4028234663852886e38))
+
+
 @njit(parallel=True, cache=True)
 def tensor_stats(addresses, numels, codes, chunk_tensor, chunk_begin, first_chunk, kind, p,
                  out_power, out_max, out_nonfinite, out_zeros):
@@ -158,16 +265,8 @@ def tensor_stats(addresses, numels, codes, chunk_tensor, chunk_begin, first_chun
         b = chunk_begin[c]
         n = min(chunk, numels[t] - b)
         code = codes[t]
-        if code == F32:
-            x32 = carray(_as_pointer(addresses[t] + 4 * b), (n,), np.float32)
-            r = _reduce(x32, HALF_TABLE, kind, p, np.float32(3.4028234663852886e38))
-        elif code == F64:
-            x64 = carray(_as_pointer(addresses[t] + 8 * b), (n,), np.float64)
-            r = _reduce(x64, HALF_TABLE, kind, p, np.float64(1.7976931348623157e308))
-        else:
-            x16 = carray(_as_pointer(addresses[t] + 2 * b), (n,), np.uint16)
-            tbl = HALF_TABLE if code == F16 else BF16_TABLE
-            r = _reduce(x16, tbl, kind, p, np.float32(3.4028234663852886e38))
+        size = 8 if code == F64 else (4 if code == F32 else 2)
+        r = _reduce_chunk(addresses[t] + size * b, code, n, kind, p)
         c_power[c], c_max[c], c_nonfinite[c], c_zeros[c], c_nan[c] = r
     for t in range(numels.shape[0]):
         acc = np.inf if kind == KIND_MIN_ABS else 0.0

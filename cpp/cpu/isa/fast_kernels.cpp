@@ -72,6 +72,17 @@ inline f64x4 high_half_f64(f32x8 f) { return widen(__builtin_shufflevector(f, f,
 
 constexpr int kBlock = kLanes;
 
+// 16-bit formats are widened to int32 lanes (zero-extended, so the sign is bit 15).
+inline void load_u16_bits(const std::uint16_t* x, i32x8 b[2]) {
+  b[0] = __builtin_convertvector(load<u16x8>(x), i32x8);
+  b[1] = __builtin_convertvector(load<u16x8>(x + 8), i32x8);
+}
+inline void store_u16_bits(std::uint16_t* x, const i32x8 b[2]) {
+  const u16x8 lo = __builtin_convertvector(b[0], u16x8), hi = __builtin_convertvector(b[1], u16x8);
+  __builtin_memcpy(x, &lo, sizeof lo);
+  __builtin_memcpy(x + 8, &hi, sizeof hi);
+}
+
 template <class Derived, class Storage>
 struct Narrow {  // fp32, fp16, bf16: magnitudes in int32 lanes, values computed in fp32
   using storage = Storage;
@@ -91,9 +102,13 @@ struct Narrow {  // fp32, fp16, bf16: magnitudes in int32 lanes, values computed
 struct F32Fmt : Narrow<F32Fmt, float> {
   using bits_t = std::uint32_t;
   static constexpr mag_t kInfBits = 0x7f800000;
-  static void load_mags(const storage* x, MagVec m[2]) {
-    m[0] = load<i32x8>(x) & 0x7fffffff;
-    m[1] = load<i32x8>(x + 8) & 0x7fffffff;
+  static void load_bits(const storage* x, MagVec b[2]) {
+    b[0] = load<i32x8>(x);
+    b[1] = load<i32x8>(x + 8);
+  }
+  static void store_bits(storage* x, const MagVec b[2]) {
+    __builtin_memcpy(x, &b[0], sizeof b[0]);
+    __builtin_memcpy(x + 8, &b[1], sizeof b[1]);
   }
   static f32x8 values(MagVec m) { return bit_cast<f32x8>(m); }
   static double value(mag_t m) { return bit_cast<float>(m); }
@@ -102,10 +117,8 @@ struct F32Fmt : Narrow<F32Fmt, float> {
 struct BF16Fmt : Narrow<BF16Fmt, std::uint16_t> {
   using bits_t = std::uint16_t;
   static constexpr mag_t kInfBits = 0x7f80;
-  static void load_mags(const storage* x, MagVec m[2]) {
-    m[0] = __builtin_convertvector(load<u16x8>(x), i32x8) & 0x7fff;
-    m[1] = __builtin_convertvector(load<u16x8>(x + 8), i32x8) & 0x7fff;
-  }
+  static void load_bits(const storage* x, MagVec b[2]) { load_u16_bits(x, b); }
+  static void store_bits(storage* x, const MagVec b[2]) { store_u16_bits(x, b); }
   static f32x8 values(MagVec m) { return bit_cast<f32x8>(m << 16); }
   static double value(mag_t m) { return bit_cast<float>(m << 16); }
 };
@@ -113,10 +126,8 @@ struct BF16Fmt : Narrow<BF16Fmt, std::uint16_t> {
 struct F16Fmt : Narrow<F16Fmt, std::uint16_t> {
   using bits_t = std::uint16_t;
   static constexpr mag_t kInfBits = 0x7c00;
-  static void load_mags(const storage* x, MagVec m[2]) {
-    m[0] = __builtin_convertvector(load<u16x8>(x), i32x8) & 0x7fff;
-    m[1] = __builtin_convertvector(load<u16x8>(x + 8), i32x8) & 0x7fff;
-  }
+  static void load_bits(const storage* x, MagVec b[2]) { load_u16_bits(x, b); }
+  static void store_bits(storage* x, const MagVec b[2]) { store_u16_bits(x, b); }
   // Exponent and mantissa placed in a float, rescaled by 2^112: exact for finite halves,
   // subnormals included (only finite chunks reach here).
   static f32x8 values(MagVec m) { return bit_cast<f32x8>(m << 13) * 0x1p112f; }
@@ -130,8 +141,11 @@ struct F64Fmt {
   using MagVec = i64x4;
   static constexpr int kVecs = 4;
   static constexpr mag_t kInfBits = 0x7ff0000000000000;
-  static void load_mags(const storage* x, MagVec m[4]) {
-    for (int v = 0; v < 4; ++v) m[v] = load<i64x4>(x + 4 * v) & 0x7fffffffffffffff;
+  static void load_bits(const storage* x, MagVec b[4]) {
+    for (int v = 0; v < 4; ++v) b[v] = load<i64x4>(x + 4 * v);
+  }
+  static void store_bits(storage* x, const MagVec b[4]) {
+    for (int v = 0; v < 4; ++v) __builtin_memcpy(x + 4 * v, &b[v], sizeof b[v]);
   }
   static void values_f64(const MagVec m[4], f64x4 out[4]) {
     for (int v = 0; v < 4; ++v) out[v] = bit_cast<f64x4>(m[v]);
@@ -140,11 +154,21 @@ struct F64Fmt {
 };
 
 template <class Fmt>
+constexpr typename Fmt::mag_t kMagMask = Fmt::kInfBits | (Fmt::kInfBits - 1);
+
+// A block's magnitude bits: its bit patterns with the sign cleared.
+template <class Fmt>
+inline void load_mags(const typename Fmt::storage* x, typename Fmt::MagVec m[Fmt::kVecs]) {
+  Fmt::load_bits(x, m);
+  for (int v = 0; v < Fmt::kVecs; ++v) m[v] &= kMagMask<Fmt>;
+}
+
+template <class Fmt>
 inline typename Fmt::mag_t mag_of(const typename Fmt::storage* x) {
   typename Fmt::bits_t b;
   __builtin_memcpy(&b, x, sizeof b);
   using Mag = typename Fmt::mag_t;
-  return static_cast<Mag>(b) & static_cast<Mag>(Fmt::kInfBits | (Fmt::kInfBits - 1));
+  return static_cast<Mag>(b) & kMagMask<Fmt>;
 }
 
 template <NormKind K, class V>
@@ -167,7 +191,7 @@ FastStats stats(const void* data, std::int64_t n) {
   MagVec zeros[kV] = {};  // counts down: a true vector compare is -1
   auto block = [&](const typename Fmt::storage* p) {
     MagVec m[kV];
-    Fmt::load_mags(p, m);
+    load_mags<Fmt>(p, m);
     for (int v = 0; v < kV; ++v) {
       max_mag[v] = m[v] > max_mag[v] ? m[v] : max_mag[v];
       zeros[v] += m[v] == 0;
@@ -225,41 +249,45 @@ inline bool any_set(V v) {
   return (bits[0] | bits[1] | bits[2] | bits[3]) != 0;
 }
 
-// Scans kScan elements at a time without writing; a group that holds a value beyond the bound
-// (and not NaN) is then fixed element by element. With few outliers this is one read pass.
-constexpr std::int64_t kScan = 4 * kBlock;
-
+// Blocks of 16 are tested without writing; a block that holds a value beyond the bound (and
+// not NaN) gets the bound, with its sign, blended into those lanes and is stored back. With
+// few outliers this is one read pass that dirties only the blocks that change.
 template <class Fmt>
 void clamp(void* data, std::int64_t n, std::uint64_t bound_bits) {
   using MagVec = typename Fmt::MagVec;
   using Mag = typename Fmt::mag_t;
   using Bits = typename Fmt::bits_t;
+  constexpr int kV = Fmt::kVecs;
+  constexpr Mag kMask = kMagMask<Fmt>;
   auto* x = static_cast<typename Fmt::storage*>(data);
   const Mag bound = static_cast<Mag>(bound_bits);
-  const Bits sign = static_cast<Bits>(Bits{1} << (8 * sizeof(Bits) - 1));
 
-  auto fix = [&](std::int64_t begin, std::int64_t end) {
-    for (std::int64_t i = begin; i < end; ++i) {
-      const Mag m = mag_of<Fmt>(x + i);
-      if (m > bound && m <= Fmt::kInfBits) {
-        Bits b;
-        __builtin_memcpy(&b, x + i, sizeof b);
-        b = static_cast<Bits>((b & sign) | static_cast<Bits>(bound));
-        __builtin_memcpy(x + i, &b, sizeof b);
-      }
+  const std::int64_t n_main = n - n % kBlock;
+  for (std::int64_t i = 0; i < n_main; i += kBlock) {
+    MagVec b[kV], outside[kV];
+    Fmt::load_bits(x + i, b);
+    MagVec any = {};
+    for (int v = 0; v < kV; ++v) {
+      const MagVec m = b[v] & kMask;
+      outside[v] = (m > bound) & (m <= Fmt::kInfBits);
+      any |= outside[v];
     }
-  };
-  const std::int64_t n_main = n - n % kScan;
-  for (std::int64_t g = 0; g < n_main; g += kScan) {
-    MagVec outside = {};
-    for (std::int64_t i = g; i < g + kScan; i += kBlock) {
-      MagVec m[Fmt::kVecs];
-      Fmt::load_mags(x + i, m);
-      for (int v = 0; v < Fmt::kVecs; ++v) outside |= (m[v] > bound) & (m[v] <= Fmt::kInfBits);
+    if (!any_set(any)) continue;
+    for (int v = 0; v < kV; ++v) {
+      const MagVec clamped = (b[v] & ~kMask) | bound;
+      b[v] = (outside[v] & clamped) | (~outside[v] & b[v]);
     }
-    if (any_set(outside)) fix(g, g + kScan);
+    Fmt::store_bits(x + i, b);
   }
-  fix(n_main, n);
+  for (std::int64_t i = n_main; i < n; ++i) {
+    const Mag m = mag_of<Fmt>(x + i);
+    if (m > bound && m <= Fmt::kInfBits) {
+      Bits bits;
+      __builtin_memcpy(&bits, x + i, sizeof bits);
+      bits = static_cast<Bits>((bits & static_cast<Bits>(~kMask)) | static_cast<Bits>(bound));
+      __builtin_memcpy(x + i, &bits, sizeof bits);
+    }
+  }
 }
 
 // ---- scale then clamp ----------------------------------------------------------------------
