@@ -10,20 +10,34 @@ Example:
 
 from .backends import backends, get_backend, set_backend
 from .clip import clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from .clippers import AGC, AutoClip, ClipByNorm, ClipByValue, Clipper, ZClip
+from . import detectors, sinks
+from .events import Event
+from .monitor import Monitor
 from .stats import GradStats, find_nonfinite, grad_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
+    "AutoClip",
+    "ClipByNorm",
+    "ClipByValue",
+    "Clipper",
+    "Event",
     "GradStats",
+    "Monitor",
+    "ZClip",
     "backends",
     "clip_",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "detectors",
     "find_nonfinite",
     "get_backend",
     "get_total_norm",
     "grad_stats",
     "set_backend",
+    "sinks",
 ]

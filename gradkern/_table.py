@@ -54,6 +54,11 @@ class WorkSet:
     writeback: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     addresses: np.ndarray | None = None  # uint64 data pointers, when already read
 
+    @property
+    def size(self) -> int:
+        """Entries in the table (tensors, or units when a table splits tensors into rows)."""
+        return len(self.codes)
+
     def table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(addresses, element counts, dtype codes): the tensor table the compiled kernels take."""
         if self.addresses is not None:

@@ -18,6 +18,8 @@ from torch.nn.utils import get_total_norm as torch_get_total_norm
 
 from . import clip, stats
 from .backends import backends, set_backend
+from .bench_monitor import monitor_overhead
+from .bench_monitor import print_rows as print_monitor_rows
 from .info import build_report
 from .scenarios import make_grads, scenarios
 
@@ -135,13 +137,16 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
             row("total norm: numba vs gradkern", name, t_numba, t_norm, nbytes, read_bw,
                 "torch column = numba; speed-up = numba time / C++ time")
         del params, grads, saved
+    print()
+    monitor_rows = monitor_overhead(device, steps=12 if quick else 40)
+    print_monitor_rows(monitor_rows)
     if backend:
         set_backend(previous)
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"device": _device_name(device), "quick": quick, "build": build_report(),
                        "command": f"gradkern bench --device {device}" + (" --quick" if quick else ""),
-                       "rows": rows}, f, indent=2, default=str)
+                       "rows": rows, "monitor_rows": monitor_rows}, f, indent=2, default=str)
         print(f"wrote {json_path}")
     return 0
 

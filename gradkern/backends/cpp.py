@@ -31,7 +31,7 @@ class CppBackend:
         return device.type == "cpu"
 
     def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
-        out = empty_stats(len(ws.work))
+        out = empty_stats(ws.size)
         _cpu.tensor_stats(*ws.table(), int(spec.kind), spec.p, out.power_sum.numpy(),
                           out.max_abs.numpy(), out.nonfinite.numpy(), out.zeros.numpy())
         return out

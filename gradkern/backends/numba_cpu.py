@@ -49,7 +49,7 @@ class NumbaBackend:
     def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
         data, numel, codes = ws.table()
         chunk_tensor, chunk_begin, first_chunk = chunk_plan(numel)
-        out = empty_stats(len(ws.work))
+        out = empty_stats(ws.size)
         self._kernels.tensor_stats(
             data.view(np.int64), numel, codes, chunk_tensor, chunk_begin, first_chunk,
             int(spec.kind), float(spec.p),

@@ -1,0 +1,133 @@
+"""The monitor scenario of ``gradkern bench``: what watching the gradients costs per step.
+
+Three copies of one small transformer (~10M parameters) train side by side, a step of each in
+turn, so noise on a shared machine hits all three alike:
+
+* ``none``: the bare training step;
+* ``gradkern``: the same step under ``gk.Monitor(log_every=10)`` (default detectors, update
+  tracking on log steps);
+* ``hooks``: the usual hand-written recipe (what ``wandb.watch``-style logging does): a hook on
+  every parameter's gradient that computes its norm, max |g| and NaN/inf count and reads them to
+  the host with ``.item()``.
+
+Reported: the median step time of each against ``none`` (noisy on a shared machine), and the
+time spent inside the monitoring code per step, measured directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from .cases import _TinyTransformer
+from .monitor import Monitor
+
+
+def _model(device: str) -> nn.Module:
+    torch.manual_seed(0)
+    return _TinyTransformer(vocab=8192, d=256, layers=8, ctx=64).to(device)
+
+
+class _Stopwatch:
+    """Sums the time spent inside the functions it wraps."""
+
+    def __init__(self):
+        self.total = 0.0
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total += time.perf_counter() - t0
+        return timed
+
+
+def _hook_recipe(model: nn.Module, watch: _Stopwatch) -> list:
+    """Per-parameter gradient hooks with host reads, as hand-written logging does it."""
+    log: dict[str, tuple] = {}
+    handles = []
+    for name, p in model.named_parameters():
+        def hook(grad, name=name):
+            log[name] = (grad.norm().item(), grad.abs().max().item(),
+                         (~grad.isfinite()).sum().item())
+        handles.append(p.register_hook(watch.wrap(hook)))
+    return handles
+
+
+def _timed_monitor(model: nn.Module, opt: torch.optim.Optimizer, watch: _Stopwatch) -> Monitor:
+    monitor = Monitor(model, opt, log_every=10)
+    for h in monitor._hooks:  # re-register the same hooks, timed
+        h.remove()
+    monitor._hooks = [opt.register_step_pre_hook(watch.wrap(monitor._pre_step)),
+                      opt.register_step_post_hook(watch.wrap(monitor._post_step))]
+    return monitor
+
+
+def monitor_overhead(device: str = "cpu", steps: int = 40, batch: int = 8) -> list[dict]:
+    base = _model(device)
+    n_params = sum(p.numel() for p in base.parameters())
+    models = {"none": base, "gradkern": copy.deepcopy(base), "hooks": copy.deepcopy(base)}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    watches = {"gradkern": _Stopwatch(), "hooks": _Stopwatch()}
+    monitor = _timed_monitor(models["gradkern"], opts["gradkern"], watches["gradkern"])
+    handles = _hook_recipe(models["hooks"], watches["hooks"])
+    gen = torch.Generator().manual_seed(0)
+    times: dict[str, list[float]] = {k: [] for k in models}
+
+    def step(key: str, tokens: torch.Tensor) -> None:
+        model, opt = models[key], opts[key]
+        opt.zero_grad()
+        logits = model(tokens[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           tokens[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+
+    try:
+        for i in range(steps + 2):
+            tokens = torch.randint(0, 8192, (batch, 65), generator=gen).to(device)
+            if i == 2:  # warm-up done
+                for w in watches.values():
+                    w.total = 0.0
+            for key in models:
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step(key, tokens)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                if i >= 2:  # warm-up steps
+                    times[key].append(time.perf_counter() - t0)
+    finally:
+        monitor.close()
+        for h in handles:
+            h.remove()
+    median = {k: statistics.median(v) for k, v in times.items()}
+    rows = []
+    for key in ("gradkern", "hooks"):
+        inside = watches[key].total / steps  # time spent in the monitoring code per step
+        rows.append(dict(op=f"training step + {key}", scenario=f"transformer {n_params / 1e6:.1f}M",
+                         base_ms=median["none"] * 1e3, with_ms=median[key] * 1e3,
+                         overhead=median[key] / median["none"] - 1.0,
+                         inside_ms=inside * 1e3, inside_share=inside / median["none"],
+                         steps=steps, device=device))
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    """Median step times, and the time spent inside the monitoring code itself (the steadier
+    number on a noisy machine)."""
+    print(f"{'monitor overhead':34s} {'scenario':22s} {'bare ms':>9s} {'with ms':>9s} "
+          f"{'step +':>7s} {'in-hook ms':>10s} {'share':>6s}")
+    for r in rows:
+        print(f"{r['op']:34s} {r['scenario']:22s} {r['base_ms']:9.2f} {r['with_ms']:9.2f} "
+              f"{100 * r['overhead']:6.1f}% {r['inside_ms']:10.2f} {100 * r['inside_share']:5.1f}%")
+    if len(rows) == 2 and rows[0]["inside_ms"] > 0:
+        print(f"time in hooks, hand-written / gradkern: "
+              f"{rows[1]['inside_ms'] / rows[0]['inside_ms']:.1f}x")

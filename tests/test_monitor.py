@@ -1,0 +1,277 @@
+"""gk.Monitor: what it records (against plain torch), hooks, skipping, sinks, accumulation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradkern as gk
+from gradkern.cases import CASES, train
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                         nn.Linear(16, 1))
+
+
+def backward(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    model(torch.randn(32, 6, generator=gen)).pow(2).mean().backward()
+
+
+def test_records_match_torch_per_layer(backend):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gk.Monitor(model, opt, log_every=3, detectors=None) as mon:
+        expected = []
+        for step in range(5):
+            opt.zero_grad()
+            backward(model, step)
+            layers = {}
+            for name, module in model.named_children():
+                grads = [p.grad for p in module.parameters()]
+                if grads:
+                    flat = torch.cat([g.reshape(-1) for g in grads]).double()
+                    layers[name] = (flat.norm().item(), flat.abs().max().item(),
+                                    int((flat == 0).sum()), flat.numel())
+            expected.append(layers)
+            opt.step()
+    assert mon.layers.names == ["0", "2", "4"]
+    assert len(mon.history) == 5 and [s.step for s in mon.history] == list(range(5))
+    for s, layers in zip(mon.history, expected):
+        for i, name in enumerate(mon.layers.names):
+            norm, mx, zeros, numel = layers[name]
+            assert np.sqrt(s.grad_sq[i]) == pytest.approx(norm, rel=1e-6)
+            assert s.grad_max[i] == pytest.approx(mx, rel=1e-6)
+            assert s.zeros[i] == zeros and s.numel[i] == numel and s.nonfinite[i] == 0
+
+
+def test_update_ratio_on_log_steps_matches_sgd():
+    model = mlp()
+    lr = 0.05
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    with gk.Monitor(model, opt, log_every=2, detectors=None) as mon:
+        for step in range(4):
+            opt.zero_grad()
+            backward(model, step)
+            before = [p.detach().clone() for p in model.parameters()]
+            grads = [p.grad.clone() for p in model.parameters()]
+            opt.step()
+    logged = [s for s in mon.history if s.update_ratio is not None]
+    assert [s.step for s in logged] == [1, 3]  # the last step of each window
+    # last step: plain SGD moves each layer by lr * ||g||
+    s = logged[-1]
+    for i in range(3):
+        w = torch.cat([b.reshape(-1) for b in before[2 * i:2 * i + 2]]).double().norm()
+        g = torch.cat([x.reshape(-1) for x in grads[2 * i:2 * i + 2]]).double().norm()
+        assert s.weight_norm[i] == pytest.approx(w.item(), rel=1e-6)
+        assert s.update_ratio[i] == pytest.approx((lr * g / w).item(), rel=1e-5)
+
+
+def test_manual_step_and_clip_without_optimizer():
+    model = mlp()
+    mon = gk.Monitor(model, log_every=1, clip=gk.ClipByNorm(0.01), detectors=None)
+    backward(model)
+    before = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
+    mon.step()
+    after = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
+    mon.close()
+    assert mon.history[0].total_norm == pytest.approx(before.item(), rel=1e-6)  # pre-clip
+    assert after.item() == pytest.approx(0.01, rel=1e-4)
+
+
+def test_float_clip_means_global_norm():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    seen = []
+    opt.register_step_post_hook(lambda *a: seen.append(
+        torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm().item()))
+    with gk.Monitor(model, opt, clip=0.05, detectors=None):
+        backward(model)
+        opt.step()
+    assert seen[0] == pytest.approx(0.05, rel=1e-4)
+
+
+def test_skip_nonfinite_keeps_weights_and_state_finite():
+    case = CASES["relu_regression_uniform_4_5"]()
+    mon = train(case, 30, skip_nonfinite=True)
+    assert mon.skipped_steps > 0
+    assert all(torch.isfinite(p).all() for p in case.model.parameters())
+    for state in case.optimizer.state.values():
+        assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
+    skipped = [e for e in mon.events if e.kind == "nonfinite" and e.evidence["skipped"]]
+    assert len(skipped) == mon.skipped_steps
+    assert all(p.grad is None or not p.grad.any() for p in case.model.parameters())
+
+
+def test_skipped_step_leaves_weights_exactly_as_they_were():
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    with gk.Monitor(model, opt, skip_nonfinite=True, detectors=None) as mon:
+        backward(model)
+        opt.step()  # a good step creates Adam state
+        weights = [p.detach().clone() for p in model.parameters()]
+        state = [v.clone() for s in opt.state.values() for v in s.values()]
+        backward(model)
+        next(model.parameters()).grad[0, 0] = float("nan")
+        opt.step()
+    assert mon.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(state, [v for s in opt.state.values()
+                                                          for v in s.values()]))
+    assert opt.step.__func__ is type(opt).step  # close() restored the optimizer
+
+
+def test_grad_scaler_observes_unscaled_grads():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with gk.Monitor(model, opt, detectors=None) as mon:
+        gen = torch.Generator().manual_seed(0)
+        loss = model(torch.randn(32, 6, generator=gen)).pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        unscaled = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm().item()
+        scaler.step(opt)
+        scaler.update()
+    assert mon.history[0].total_norm == pytest.approx(unscaled, rel=1e-6)
+
+
+def test_gradient_accumulation_observes_only_optimizer_steps():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gk.Monitor(model, opt, log_every=2, detectors=None) as mon:
+        for step in range(3):
+            for micro in range(4):
+                backward(model, 10 * step + micro)
+            accumulated = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
+            opt.step()
+            opt.zero_grad()
+    assert [s.step for s in mon.history] == [0, 1, 2]
+    assert mon.history[-1].total_norm == pytest.approx(accumulated.item(), rel=1e-6)
+
+
+def test_sinks_get_records_and_events(tmp_path):
+    received = []
+    case = CASES["relu_regression_uniform_4_5"]()
+    path = tmp_path / "run.jsonl"
+    train(case, 8, log_every=4, sinks=[received.append, gk.sinks.JSONL(path)])
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == len(received)
+    assert [r["type"] for r in lines] == [r["type"] for r in received]
+    steps = [r for r in lines if r["type"] == "step"]
+    events = [r for r in lines if r["type"] == "event"]
+    assert [r["step"] for r in steps] == list(range(8))
+    assert {"exploding", "nonfinite"} <= {e["event"] for e in events}
+    assert set(steps[0]["layers"]) == {"0", "2"}
+    assert {"grad_norm", "grad_rms", "grad_max", "nonfinite", "zero_fraction"} <= set(
+        steps[0]["layers"]["0"])
+
+
+_KILLED_SCRIPT = """
+import os, signal, torch, gradkern as gk
+from gradkern.cases import CASES
+case = CASES["small_resnet"]()
+mon = gk.Monitor(case.model, case.optimizer, log_every=2, sinks=[gk.sinks.JSONL({path!r})])
+for step in range(100):
+    case.optimizer.zero_grad()
+    case.loss(case.model, case.batch(step)).backward()
+    case.optimizer.step()
+    if step == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_jsonl_survives_a_killed_process(tmp_path):
+    path = str(tmp_path / "killed.jsonl")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SCRIPT.format(path=path)],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL
+    lines = open(path).read().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is complete JSON
+    assert [r["step"] for r in records if r["type"] == "step"] == list(range(6))
+
+
+def test_bad_arguments():
+    model = mlp()
+    with pytest.raises(ValueError, match="log_every"):
+        gk.Monitor(model, log_every=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        gk.Monitor(model, skip_nonfinite=True)
+    with pytest.raises(ValueError, match="detectors"):
+        gk.Monitor(model, detectors="some")
+    with pytest.raises(ValueError, match="group_by"):
+        gk.Monitor(model, group_by="tensor")
+    with pytest.raises(TypeError, match="clip"):
+        gk.Monitor(model, clip="1.0")
+    with pytest.raises(TypeError, match="sink"):
+        gk.Monitor(model, sinks=[42])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gk.Monitor(model, opt)
+    with pytest.raises(RuntimeError, match="automatically"):
+        mon.step()
+    mon.close()
+
+
+def test_group_by_parameter_and_shared_parameters():
+    model = mlp()
+    mon = gk.Monitor(model, group_by="parameter", detectors=None)
+    assert mon.layers.names[:2] == ["0.weight", "0.bias"]
+    tied = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    m2 = gk.Monitor(tied, detectors=None)
+    assert m2.layers.names == ["0"] and m2.layers.is_embedding == [True]
+    mon.close()
+    m2.close()
+
+
+def test_no_host_sync_between_log_steps(monkeypatch):
+    """Between log steps nothing is read back: .item()/.cpu() on the ring would show here."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = gk.Monitor(model, opt, log_every=5, detectors=None, track_updates=False)
+    processed = []
+    monkeypatch.setattr(mon, "_process", lambda rows, meta, upd: processed.append(len(rows)))
+    for step in range(9):
+        opt.zero_grad()
+        backward(model, step)
+        opt.step()
+        assert processed == ([] if step < 4 else [5])
+    mon.close()
+    assert processed == [5, 4]
+
+
+class FakeWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is optional)."""
+
+    def __init__(self):
+        self.scalars, self.texts, self.histograms, self.flushes = [], [], [], 0
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def add_text(self, tag, text, step):
+        self.texts.append((tag, text, step))
+
+    def add_histogram(self, tag, values, step):
+        self.histograms.append((tag, step))
+
+    def flush(self):
+        self.flushes += 1
+
+
+def test_tensorboard_sink_writes_scalars_events_and_histograms():
+    writer = FakeWriter()
+    case = CASES["relu_regression_uniform_4_5"]()
+    train(case, 6, log_every=3, sinks=[gk.sinks.TensorBoard(writer, histograms=True)])
+    tags = {t for t, _, _ in writer.scalars}
+    assert {"gradkern/total_norm", "grad_norm/0", "grad_norm/2", "zero_fraction/0"} <= tags
+    assert any(t == "gradkern/exploding" for t, _, _ in writer.texts)
+    assert writer.histograms and writer.flushes >= 2
