@@ -24,8 +24,12 @@ def test_required_backends_are_usable():
     info = gk.backends()
     for name in required_backends():
         if name == "cuda":
-            # Without a GPU the CUDA module can be compiled but not usable.
+            # Without a GPU the CUDA module can be compiled but not usable; it must carry the
+            # kernels either way.
+            from gradkern.backends import cuda
+
             assert info[name].compiled, info[name].reason
+            assert cuda.KERNELS_READY
         else:
             assert info[name].usable, f"{name}: {info[name].reason}"
 

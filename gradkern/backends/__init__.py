@@ -63,12 +63,15 @@ def _probe(name: str) -> tuple[BackendInfo, Backend | None]:
             return BackendInfo(False, False, cuda.IMPORT_ERROR, ("cuda",)), None
         info = cuda.runtime_info()
         if not cuda.KERNELS_READY:
-            why = "the CUDA module is built, but its kernels are not implemented yet"
+            why = "the CUDA module is built without its kernels (rebuild gradkern)"
             return BackendInfo(True, False, why, ("cuda",)), None
         if info["device_count"] == 0:
             why = f"no CUDA device: {info['error'] or 'none found'}"
             return BackendInfo(True, False, why, ("cuda",)), None
-        return BackendInfo(True, True, "", ("cuda",)), None
+        if not torch.cuda.is_available():
+            why = "torch has no CUDA support here (CPU build of torch, or no driver)"
+            return BackendInfo(True, False, why, ("cuda",)), None
+        return BackendInfo(True, True, "", ("cuda",)), cuda.CudaBackend()
     raise ValueError(f"unknown backend {name!r}; choose from {', '.join(_NAMES)}")
 
 

@@ -12,20 +12,8 @@ import torch
 from .._norm_spec import NormSpec
 from .base import RawStats
 from .._table import WorkSet
+from .._chunks import chunk_plan
 from .cpp import empty_stats
-
-CHUNK_ELEMS = 1 << 16  # must equal kChunkElems in cpp/include/gradkern/tensor_table.h
-
-
-def chunk_plan(numel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tensor of each chunk, first element of each chunk, first chunk of each tensor)."""
-    per_tensor = (numel + CHUNK_ELEMS - 1) // CHUNK_ELEMS
-    first_chunk = np.zeros(len(numel) + 1, dtype=np.int64)
-    np.cumsum(per_tensor, out=first_chunk[1:])
-    chunk_tensor = np.repeat(np.arange(len(numel), dtype=np.int64), per_tensor)
-    chunk_begin = (np.arange(first_chunk[-1], dtype=np.int64) - first_chunk[chunk_tensor]) * CHUNK_ELEMS
-    return chunk_tensor, chunk_begin, first_chunk
-
 
 def _bound_per_dtype(clip_value: float) -> np.ndarray:
     """clip_value rounded to fp32, fp64, fp16, bf16 (indexed by dtype code), as torch's clamp does."""
