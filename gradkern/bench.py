@@ -32,17 +32,7 @@ def _sync(device: str) -> None:
 def best_time(fn: Callable[[], object], repeats: int, device: str,
               setup: Callable[[], object] | None = None) -> float:
     """Best wall time of ``fn`` in seconds over ``repeats`` runs (after one warm-up)."""
-    best = float("inf")
-    for i in range(repeats + 1):
-        if setup is not None:
-            setup()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        if i:
-            best = min(best, time.perf_counter() - t0)
-    return best
+    return best_times([fn], repeats, device, setup)[0]
 
 
 def best_times(fns: list[Callable[[], object]], repeats: int, device: str,

@@ -230,6 +230,22 @@ class Vanishing(Detector):
                       "grad_rms": {layers.names[i]: float(rms[i]) for i in usable}})
 
 
+class _Streaks:
+    """Per-layer counts of consecutive observations that met a rule."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self._count: dict[int, int] = {}
+
+    def persistent(self, hits: list[int]) -> list[int]:
+        """Record this observation's hits; return the layers at ``patience`` (and restart them)."""
+        self._count = {i: self._count.get(i, 0) + 1 for i in hits}
+        done = [i for i, n in self._count.items() if n >= self.patience]
+        for i in done:
+            self._count[i] = 0
+        return done
+
+
 class Stalled(Detector):
     """Weights that do not move: update/weight norm ratio below ``min_ratio`` in a layer on
     ``patience`` consecutive log steps (needs the Monitor's update tracking)."""
@@ -239,7 +255,7 @@ class Stalled(Detector):
     def __init__(self, min_ratio: float = 1e-6, patience: int = 3, cooldown: int = 100):
         super().__init__(cooldown)
         self.min_ratio, self.patience = float(min_ratio), int(patience)
-        self._streak: dict[int, int] = {}
+        self._streaks = _Streaks(self.patience)
 
     def _check(self, s: StepStats, layers: LayerMap) -> Event | None:
         if s.update_ratio is None or s.skipped:
@@ -247,12 +263,9 @@ class Stalled(Detector):
         stalled = [i for i in range(len(layers))
                    if s.numel[i] > 0 and np.isfinite(s.update_ratio[i])
                    and s.update_ratio[i] < self.min_ratio]
-        self._streak = {i: self._streak.get(i, 0) + 1 for i in stalled}
-        persistent = [i for i, n in self._streak.items() if n >= self.patience]
+        persistent = self._streaks.persistent(stalled)
         if not persistent:
             return None
-        for i in persistent:
-            self._streak[i] = 0
         names = [layers.names[i] for i in persistent]
         return Event(self.kind, s.step, names,
                      f"{len(names)} layer(s) barely move: update/weight ratio below "
@@ -270,7 +283,7 @@ class Dead(Detector):
     def __init__(self, zero_fraction: float = 0.9, patience: int = 10, cooldown: int = 100):
         super().__init__(cooldown)
         self.zero_fraction, self.patience = float(zero_fraction), int(patience)
-        self._streak: dict[int, int] = {}
+        self._streaks = _Streaks(self.patience)
 
     def _check(self, s: StepStats, layers: LayerMap) -> Event | None:
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -278,12 +291,9 @@ class Dead(Detector):
         dead = [i for i in range(len(layers))
                 if s.numel[i] > 0 and not layers.is_embedding[i]
                 and frac[i] >= self.zero_fraction]
-        self._streak = {i: self._streak.get(i, 0) + 1 for i in dead}
-        persistent = [i for i, n in self._streak.items() if n >= self.patience]
+        persistent = self._streaks.persistent(dead)
         if not persistent:
             return None
-        for i in persistent:
-            self._streak[i] = 0
         names = [layers.names[i] for i in persistent]
         return Event(self.kind, s.step, names,
                      f"{len(names)} layer(s) have >= {self.zero_fraction:.0%} zero gradients "

@@ -262,10 +262,9 @@ class Monitor:
         present, before = self._snapshot
         self._snapshot = None
         after = [self.layers.params[i].detach() for i in present]
-        delta = torch._foreach_sub(after, before)
-        spec = _L2
-        w_raw, _ = _engine.tensor_stats(_engine.gather(before, None), spec)
-        d_raw, _ = _engine.tensor_stats(_engine.gather(delta, None), spec)
+        w_raw, _ = _engine.tensor_stats(_engine.gather(before, None), _L2)
+        torch._foreach_sub_(before, after)  # the snapshot becomes -update: no second copy
+        d_raw, _ = _engine.tensor_stats(_engine.gather(before, None), _L2)
         index = self._layer_index(tuple(present), w_raw.power_sum.device)
         n = len(self.layers)
         w_sq = torch.zeros(n, dtype=torch.float64, device=index.device).index_add_(
