@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _engine
+from . import _engine, distributed
 from ._norm_spec import NormSpec, parse_norm_type
 from ._params import TensorOrTensors, check_bound, grads_of, split_names
 
@@ -28,15 +28,49 @@ def _nonfinite_error(g: _engine.Gathered, raw, spec: NormSpec) -> RuntimeError:
 
 
 def _norms(
-    tensors: list[torch.Tensor], names, spec: NormSpec, error_if_nonfinite: bool
-) -> tuple[_engine.Gathered, torch.Tensor, torch.Tensor]:
-    """(gathered, per-tensor norms, total norm), float64. Raises before any write."""
-    g = _engine.gather(tensors, names)
-    raw, numel = _engine.tensor_stats(g, spec)
-    total = _engine.total_norm(raw, numel, spec)
+    tensors: list[torch.Tensor], names, spec: NormSpec, error_if_nonfinite: bool,
+    group=None, per_tensor: bool = False,
+) -> tuple[_engine.Gathered | None, torch.Tensor | None, torch.Tensor]:
+    """(gathered, per-tensor norms, total norm), float64. Raises before any write.
+
+    With ``group``, the statistics are those of the whole set across the ranks (see
+    :mod:`gradkern.distributed`); the gathered tensors are this rank's (None when it has none),
+    and per-tensor norms are reduced entry-wise only when ``per_tensor`` asks for them.
+    """
+    if group is None:
+        g = _engine.gather(tensors, names)
+        raw, numel = _engine.tensor_stats(g, spec)
+        total = _engine.total_norm(raw, numel, spec)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise _nonfinite_error(g, raw, spec)
+        return g, _engine.per_tensor_norms(raw, numel, spec), total
+
+    def local():
+        if not tensors:
+            return None, None, None
+        g = _engine.gather(tensors, names)
+        return (g, *_engine.tensor_stats(g, spec))
+
+    result, error = distributed.run_local(local)
+    g, raw, numel = result if result is not None else (None, None, None)
+    device = distributed.collective_device(group, None if g is None else g.device)
+    if per_tensor:
+        raw_all, numel_all = distributed.reduce_per_tensor(raw, numel, len(tensors), spec, group,
+                                                           device, error, error_if_nonfinite)
+        norms = _engine.per_tensor_norms(raw_all, numel_all, spec)
+        total = _engine.total_norm(raw_all, numel_all, spec)
+    else:
+        totals = distributed.reduce_totals(raw, numel, spec, group, device, error,
+                                           error_if_nonfinite)
+        norms, total = None, totals.norm(spec)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
-        raise _nonfinite_error(g, raw, spec)
-    return g, _engine.per_tensor_norms(raw, numel, spec), total
+        if g is not None and bool(raw.nonfinite.sum() > 0):
+            raise _nonfinite_error(g, raw, spec)
+        raise RuntimeError(f"The total norm of order {spec.p} for gradients from `parameters` is "
+                           "non-finite (the non-finite gradients are on another rank), so it "
+                           "cannot be clipped. To disable this error, set "
+                           "`error_if_nonfinite=False`")
+    return g, norms, total
 
 
 def get_total_norm(
@@ -44,6 +78,8 @@ def get_total_norm(
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    group=None,
 ) -> torch.Tensor:
     r"""Norm of ``tensors`` viewed as one vector (the tensors themselves, not their ``.grad``).
 
@@ -60,6 +96,9 @@ def get_total_norm(
         error_if_nonfinite: raise RuntimeError, naming the non-finite tensors, if the norm is NaN
             or inf. Default: False.
         foreach: accepted for compatibility and ignored (every gradkern op is multi-tensor).
+        group: a ``torch.distributed`` process group whose ranks each hold a disjoint part
+            of the gradients: the result is then the whole set's (two packed collectives, see
+            :mod:`gradkern.distributed`). Default: None (this process only).
 
     Returns:
         A 0-dim tensor on the first tensor's device, with torch's promoted dtype of the inputs.
@@ -72,10 +111,15 @@ def get_total_norm(
     """
     spec = parse_norm_type(norm_type)
     items, names = split_names(tensors)
-    if not items:
+    if not items and group is None:
         return torch.tensor(0.0)
-    g, _, total = _norms(items, names, spec, error_if_nonfinite)
-    return total.to(g.dtype)
+    g, _, total = _norms(items, names, spec, error_if_nonfinite, group)
+    return total.to(_result_dtype(g))
+
+
+def _result_dtype(g: _engine.Gathered | None) -> torch.dtype:
+    """torch's promoted dtype of the gradients; the default dtype for a rank that has none."""
+    return torch.get_default_dtype() if g is None else g.dtype
 
 
 def _clip_coef(max_norm: float, norm: torch.Tensor) -> torch.Tensor:
@@ -128,6 +172,8 @@ def clip_grad_norm_(
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    group=None,
 ) -> torch.Tensor:
     r"""Clip the norm of the gradients (viewed as one vector) to ``max_norm``, in place.
 
@@ -143,6 +189,9 @@ def clip_grad_norm_(
         error_if_nonfinite: raise RuntimeError naming the parameters whose gradients hold
             NaN/inf when the total norm is non-finite; nothing is modified then. Default: False.
         foreach: accepted for compatibility and ignored.
+        group: a ``torch.distributed`` process group whose ranks each hold a disjoint part
+            of the gradients: the result is then the whole set's (two packed collectives, see
+            :mod:`gradkern.distributed`). Default: None (this process only).
 
     Returns:
         The total norm before clipping, 0-dim, on the gradients' device.
@@ -161,11 +210,12 @@ def clip_grad_norm_(
     max_norm = check_bound(max_norm, "max_norm")
     spec = parse_norm_type(norm_type)
     grads, names = grads_of(parameters, warn_empty_generator=True)
-    if not grads:
+    if not grads and group is None:
         return torch.tensor(0.0)
-    g, _, total = _norms(grads, names, spec, error_if_nonfinite)
-    _engine.clip_in_place(g, _clip_coef(max_norm, total).reshape(1), float("inf"))
-    return total.to(g.dtype)
+    g, _, total = _norms(grads, names, spec, error_if_nonfinite, group)
+    if g is not None:
+        _engine.clip_in_place(g, _clip_coef(max_norm, total).reshape(1), float("inf"))
+    return total.to(_result_dtype(g))
 
 
 @torch.no_grad()
@@ -207,6 +257,7 @@ def clip_(
     norm_type: float = 2.0,
     per_tensor: bool = False,
     error_if_nonfinite: bool = False,
+    group=None,
 ) -> torch.Tensor:
     r"""The one clipping call for training loops: norm clipping, then value clipping.
 
@@ -222,6 +273,11 @@ def clip_(
         per_tensor: clip each tensor's norm separately. Default: False.
         error_if_nonfinite: raise RuntimeError naming the non-finite gradients if the total norm
             is NaN/inf; nothing is modified then. Default: False.
+        group: a ``torch.distributed`` process group whose ranks each hold a disjoint part
+            of the gradients: the result is then the whole set's (two packed collectives, see
+            :mod:`gradkern.distributed`). Default: None (this process only).
+            With ``per_tensor=True`` every rank must pass the same number of gradients
+            (entry i of each rank is a shard of the same tensor).
 
     Returns:
         The total norm of all gradients *before* clipping, 0-dim, on the gradients' device.
@@ -242,12 +298,13 @@ def clip_(
     value_bound = float("inf") if value is None else check_bound(value, "value")
     spec = parse_norm_type(norm_type)
     grads, names = grads_of(parameters)
-    if not grads:
+    if not grads and group is None:
         return torch.tensor(0.0)
-    g, norms, total = _norms(grads, names, spec, error_if_nonfinite)
+    g, norms, total = _norms(grads, names, spec, error_if_nonfinite, group,
+                             per_tensor=per_tensor and max_norm is not None)
     coef = None
     if max_norm is not None:
         coef = _clip_coef(max_norm, norms if per_tensor else total.reshape(1))
-    if coef is not None or value is not None:
+    if g is not None and (coef is not None or value is not None):
         _engine.clip_in_place(g, coef, value_bound)
-    return total.to(g.dtype)
+    return total.to(_result_dtype(g))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _engine
+from . import _engine, distributed
 from ._norm_spec import NormKind, NormSpec, parse_norm_type
 from ._params import TensorOrTensors, check_bound, split_names
 from ._table import WorkSet
@@ -28,40 +28,93 @@ _L2 = parse_norm_type(2.0)
 
 @dataclass
 class _Grads:
-    """Gradients gathered once, with their L2 statistics (shared by the Monitor and clippers)."""
+    """Gradients gathered once, with their L2 statistics (shared by the Monitor and clippers).
+
+    With a process group, ``params``/``gathered`` are this rank's (possibly none) and the norms
+    are the whole set's across the group.
+    """
 
     params: list[torch.Tensor]  # the parameters whose grads these are, in order
-    gathered: _engine.Gathered
-    raw: RawStats  # L2 kind: power_sum holds sum of squares per tensor
-    numel: torch.Tensor
+    gathered: _engine.Gathered | None
+    raw: RawStats | None  # L2 kind: power_sum holds sum of squares per tensor
+    numel: torch.Tensor | None
+    group: object = None
+    error: BaseException | None = None
+    _total: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, parameters: TensorOrTensors) -> _Grads | None:
+    def of(cls, parameters: TensorOrTensors, group=None) -> _Grads | None:
+        """None when no parameter has a gradient (and there is no group to join)."""
         params, names = split_names(parameters)
         keep = [i for i, p in enumerate(params) if p.grad is not None]
-        if not keep:
-            return None
         params = [params[i] for i in keep]
         names = None if names is None else [names[i] for i in keep]
-        g = _engine.gather([p.grad for p in params], names)
-        raw, numel = _engine.tensor_stats(g, _L2)
-        return cls(params, g, raw, numel)
+        if group is None:
+            if not params:
+                return None
+            g = _engine.gather([p.grad for p in params], names)
+            return cls(params, g, *_engine.tensor_stats(g, _L2))
+
+        def local():
+            if not params:
+                return None, None, None
+            g = _engine.gather([p.grad for p in params], names)
+            return (g, *_engine.tensor_stats(g, _L2))
+
+        result, error = distributed.run_local(local)
+        g, raw, numel = result if result is not None else (None, None, None)
+        return cls(params, g, raw, numel, group, error)
+
+    @property
+    def device(self) -> torch.device:
+        if self.gathered is not None:
+            return self.gathered.device
+        return distributed.collective_device(self.group)
 
     def total_norm(self) -> torch.Tensor:
-        return _engine.total_norm(self.raw, self.numel, _L2)
+        """L2 norm of the whole set (reduced across the group once, then reused)."""
+        if self._total is None:
+            if self.group is None:
+                self._total = _engine.total_norm(self.raw, self.numel, _L2)
+            else:
+                totals = distributed.reduce_totals(self.raw, self.numel, _L2, self.group,
+                                                   self.device, self.error)
+                self._total = totals.norm(_L2)
+        return self._total
+
+    def stats_for(self, spec: NormSpec, per_tensor: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(per-tensor norms or None, total norm) for another norm type or per-tensor clipping;
+        one more read pass for a norm other than L2, and the group's collectives."""
+        raw, numel = self.raw, self.numel
+        if spec.kind != NormKind.L2 and self.gathered is not None:
+            raw, numel = _engine.tensor_stats(self.gathered, spec)
+        if self.group is None:
+            norms = _engine.per_tensor_norms(raw, numel, spec) if per_tensor else None
+            return norms, _engine.total_norm(raw, numel, spec)
+        if per_tensor:
+            raw, numel = distributed.reduce_per_tensor(raw, numel, len(self.params), spec,
+                                                       self.group, self.device, self.error)
+            return (_engine.per_tensor_norms(raw, numel, spec),
+                    _engine.total_norm(raw, numel, spec))
+        totals = distributed.reduce_totals(raw, numel, spec, self.group, self.device, self.error)
+        return None, totals.norm(spec)
 
 
 class Clipper:
     """Base class: subclasses implement :meth:`_clip` on already-gathered gradients."""
+
+    group = None  # a torch.distributed process group, set by the constructors' group=
 
     @torch.no_grad()
     def clip_(self, parameters: TensorOrTensors) -> torch.Tensor:
         """Clip the ``.grad`` of ``parameters`` in place; return their L2 norm before clipping.
 
         Returns a 0-dim float32 tensor (float64 if a gradient is float64) on the gradients'
-        device; ``tensor(0.)`` when no parameter has a gradient.
+        device; ``tensor(0.)`` when no parameter has a gradient. With ``group=`` (given to the
+        constructor) the norms are those of the whole set across the group's ranks, and every
+        rank clips its part with the same coefficient.
         """
-        grads = _Grads.of(parameters)
+        grads = _Grads.of(parameters, self.group)
         if grads is None:
             return torch.tensor(0.0)
         return self._clip(grads).to(_norm_dtype(grads))
@@ -81,11 +134,15 @@ class Clipper:
 
 
 def _norm_dtype(grads: _Grads) -> torch.dtype:
-    return torch.float64 if grads.gathered.dtype == torch.float64 else torch.float32
+    if grads.gathered is not None and grads.gathered.dtype == torch.float64:
+        return torch.float64
+    return torch.float32
 
 
 def _scale_to(grads: _Grads, total: torch.Tensor, max_norm: torch.Tensor | float) -> None:
     """Scale all gradients by min(max_norm / (total + eps), 1); nothing is written when >= 1."""
+    if grads.gathered is None:
+        return
     coef = (max_norm / (total + _EPS)).clamp(max=1.0).reshape(1)
     _engine.clip_in_place(grads.gathered, coef, float("inf"))
 
@@ -103,24 +160,26 @@ class ClipByNorm(Clipper):
         (tensor(5.), tensor([0.6000, 0.8000]))
     """
 
-    def __init__(self, max_norm: float, norm_type: float = 2.0, per_tensor: bool = False):
+    def __init__(self, max_norm: float, norm_type: float = 2.0, per_tensor: bool = False, *,
+                 group=None):
         self.max_norm = check_bound(max_norm, "max_norm")
         self.norm_type = norm_type
         self.per_tensor = bool(per_tensor)
+        self.group = group
         self._spec: NormSpec = parse_norm_type(norm_type)
 
     def _clip(self, grads: _Grads) -> torch.Tensor:
         total_l2 = grads.total_norm()
-        raw, numel, spec = grads.raw, grads.numel, _L2
-        if self._spec.kind != NormKind.L2:  # another norm needs its own read pass
-            spec = self._spec
-            raw, numel = _engine.tensor_stats(grads.gathered, spec)
+        if self._spec.kind == NormKind.L2 and not self.per_tensor:
+            _scale_to(grads, total_l2, self.max_norm)
+            return total_l2
+        norms, total = grads.stats_for(self._spec, self.per_tensor)
         if self.per_tensor:
-            norms = _engine.per_tensor_norms(raw, numel, spec)
-            coef = (self.max_norm / (norms + _EPS)).clamp(max=1.0)
-            _engine.clip_in_place(grads.gathered, coef, float("inf"))
+            if grads.gathered is not None:
+                coef = (self.max_norm / (norms + _EPS)).clamp(max=1.0)
+                _engine.clip_in_place(grads.gathered, coef, float("inf"))
         else:
-            _scale_to(grads, _engine.total_norm(raw, numel, spec), self.max_norm)
+            _scale_to(grads, total, self.max_norm)
         return total_l2
 
 
@@ -134,12 +193,14 @@ class ClipByValue(Clipper):
         tensor([ 1.0000, -0.5000])
     """
 
-    def __init__(self, value: float):
+    def __init__(self, value: float, *, group=None):
         self.value = check_bound(value, "value")
+        self.group = group
 
     def _clip(self, grads: _Grads) -> torch.Tensor:
         total = grads.total_norm()
-        _engine.clip_in_place(grads.gathered, None, self.value)
+        if grads.gathered is not None:
+            _engine.clip_in_place(grads.gathered, None, self.value)
         return total
 
 
@@ -165,13 +226,14 @@ class AutoClip(Clipper):
         tensor([3.])
     """
 
-    def __init__(self, percentile: float = 10.0, history: int = 1000):
+    def __init__(self, percentile: float = 10.0, history: int = 1000, *, group=None):
         if not 0.0 <= float(percentile) <= 100.0:
             raise ValueError(f"percentile must be in [0, 100], got {percentile}")
         if int(history) < 1:
             raise ValueError(f"history must be >= 1, got {history}")
         self.percentile = float(percentile)
         self.history = int(history)
+        self.group = group
         self._norms: torch.Tensor | None = None
         self._count = 0  # a host counter: the same on every rank and never read from the device
 
@@ -217,7 +279,7 @@ class ZClip(Clipper):
     """
 
     def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, warmup: int = 25,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, *, group=None):
         if not 0.0 < float(alpha) < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         if not float(z_thresh) > 0.0:
@@ -226,6 +288,7 @@ class ZClip(Clipper):
             raise ValueError(f"warmup must be >= 1, got {warmup}")
         self.alpha, self.z_thresh = float(alpha), float(z_thresh)
         self.warmup, self.eps = int(warmup), float(eps)
+        self.group = group
         self._warm: torch.Tensor | None = None
         self._mean: torch.Tensor | None = None
         self._var: torch.Tensor | None = None
@@ -279,6 +342,9 @@ class AGC(Clipper):
         eps: floor on weight norms, so zero-initialised units can still move. Default: 1e-3.
         exclude: parameters left unclipped (the paper leaves the final classifier alone):
             pass e.g. ``model.head.parameters()``.
+        group: with a process group the returned norm is the whole set's; the unit-wise rule
+            itself is local, which is exact when every unit (row) lives on one rank (replicated
+            or row-sharded parameters).
 
     Example:
         >>> import torch, gradkern as gk
@@ -288,9 +354,11 @@ class AGC(Clipper):
                 [0.0100, 0.0000]])
     """
 
-    def __init__(self, clip_factor: float = 0.01, eps: float = 1e-3, exclude=()):
+    def __init__(self, clip_factor: float = 0.01, eps: float = 1e-3, exclude=(), *,
+                 group=None):
         self.clip_factor = check_bound(clip_factor, "clip_factor")
         self.eps = check_bound(eps, "eps")
+        self.group = group
         self._exclude = {id(p) for p in exclude}
 
     def _clip(self, grads: _Grads) -> torch.Tensor:

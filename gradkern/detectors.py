@@ -34,6 +34,7 @@ class StepStats:
     skipped: bool = False
     weight_norm: np.ndarray | None = None  # on log steps with update tracking
     update_ratio: np.ndarray | None = None  # ||w_after - w_before|| / ||w_before||
+    nonfinite_ranks: list[int] | None = None  # with a process group: ranks that held NaN/inf
 
     @property
     def total_norm(self) -> float:
@@ -100,7 +101,7 @@ class NonFinite(Detector):
                      f"non-finite gradients in {len(names)} layer(s), first in backward order: "
                      f"{names[0]}.{action}",
                      {"nonfinite": {layers.names[i]: int(s.nonfinite[i]) for i in order},
-                      "skipped": s.skipped})
+                      "skipped": s.skipped, "ranks": s.nonfinite_ranks})
 
 
 class Exploding(Detector):

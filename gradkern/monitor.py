@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from . import _engine
 from ._norm_spec import parse_norm_type
@@ -59,6 +60,13 @@ class Monitor:
         track_updates: on log steps, also measure each layer's weight norm and
             update/weight ratio (needs an optimizer; keeps a copy of the weights for that one
             step). Default True.
+        group: a ``torch.distributed`` process group whose ranks each hold a shard of the
+            same model (FSDP-style; every rank builds the Monitor on the same module
+            structure). The buffered statistics are reduced across the group at each log step
+            (two packed collectives), so layers and totals describe the whole model; clipping
+            and ``skip_nonfinite`` decide on the whole model too; sinks are written on rank 0
+            only; non-finite events say which rank(s) held the bad values. DDP needs no group
+            (its gradients are already identical on every rank).
 
     Attributes:
         events: every :class:`gradkern.Event` so far.
@@ -92,6 +100,7 @@ class Monitor:
         group_by: str = "module",
         track_updates: bool = True,
         keep_history: int = 10_000,
+        group=None,
     ):
         if int(log_every) < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
@@ -114,6 +123,9 @@ class Monitor:
         self.skip_nonfinite = bool(skip_nonfinite)
         self.track_updates = bool(track_updates) and optimizer is not None
         self.keep_history = int(keep_history)
+        self.group = group
+        self._rank = dist.get_rank(group) if group is not None else 0
+        self._world = dist.get_world_size(group) if group is not None else 1
 
         self.events: list[Event] = []
         self.history: list[StepStats] = []
@@ -128,7 +140,7 @@ class Monitor:
         self._ring_steps: list[int] = []
         self._ring_skipped: list[bool] = []
         self._index_cache: dict[tuple, torch.Tensor] = {}
-        self._updates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._updates: dict[int, torch.Tensor] = {}  # step -> (2, layers): weight^2, update^2
         self._snapshot: tuple[list[int], list[torch.Tensor]] | None = None
         self._pending: list[tuple] = []  # (ready event, host rows, step meta, updates) in flight
         self._hooks = []
@@ -229,14 +241,17 @@ class Monitor:
         row[:, 3].index_add_(0, index, raw.zeros.to(torch.float64))
         np.add.at(self._ring_numel[slot], self._param_layer[present], self._param_numel[present])
 
-        if self.skip_nonfinite and bool(row[:, 2].sum() > 0):  # the one host sync, by request
+        bad = row[:, 2].sum()
+        if self.skip_nonfinite and self.group is not None:
+            dist.all_reduce(bad, group=self.group)  # every rank skips, or none does
+        if self.skip_nonfinite and bool(bad > 0):  # the one host sync, by request
             for p in params:
                 p.grad.zero_()
             self._ring_skipped[slot] = True
             self.skipped_steps += 1
             return True
         if self.clipper is not None:
-            self.clipper._clip(_Grads(params, g, raw, numel))
+            self.clipper._clip(_Grads(params, g, raw, numel, self.group))
         return False
 
     def _layer_index(self, present: tuple, device: torch.device) -> torch.Tensor:
@@ -270,8 +285,7 @@ class Monitor:
         w_sq = torch.zeros(n, dtype=torch.float64, device=index.device).index_add_(
             0, index, w_raw.power_sum)
         d_sq = torch.zeros_like(w_sq).index_add_(0, index, d_raw.power_sum)
-        weight_norm = w_sq.sqrt()
-        self._updates[self.steps] = (weight_norm, d_sq.sqrt() / weight_norm)
+        self._updates[self.steps] = torch.stack([w_sq, d_sq])  # reduced as sums, then sqrt
 
     # ---- host side -------------------------------------------------------------------------
 
@@ -283,55 +297,100 @@ class Monitor:
         meta = [(self._ring_steps[i], self._ring_skipped[i], self._ring_numel[i].copy())
                 for i in range(count)]
         updates = {s: self._updates.pop(s) for s, _, _ in meta if s in self._updates}
-        if self._ring is None:  # no gradient at all so far
+        rows = None if self._ring is None else self._ring[:count]
+        rank_flags = None
+        if self.group is not None and rows is not None:
+            rows, meta, updates, rank_flags = self._reduce_across_ranks(rows, meta, updates)
+        if rows is None:  # no gradient at all so far
             host, ready = torch.zeros(count, len(self.layers), _FIELDS, dtype=torch.float64), None
             update_host = {}
-        elif self._ring.device.type == "cuda":
+        elif rows.device.type == "cuda":
             host = torch.empty((count, len(self.layers), _FIELDS), dtype=torch.float64,
                                pin_memory=True)
-            host.copy_(self._ring[:count], non_blocking=True)
-            update_host = {s: (w.to("cpu", non_blocking=True), r.to("cpu", non_blocking=True))
-                           for s, (w, r) in updates.items()}
+            host.copy_(rows, non_blocking=True)
+            update_host = {s: u.to("cpu", non_blocking=True) for s, u in updates.items()}
+            if rank_flags is not None:
+                rank_flags = rank_flags.to("cpu", non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
             # The ring is rewritten from the next step on; the copy must finish first. Later
             # work on the stream is ordered after it, so no host wait is needed here.
         else:
-            host, ready = self._ring[:count].clone(), None
+            host, ready = rows.clone(), None
             update_host = updates
         self._ring_steps, self._ring_skipped = [], []
-        self._pending.append((ready, host, meta, update_host))
+        self._pending.append((ready, host, meta, update_host, rank_flags))
         self._drain(block=False)
+
+    def _reduce_across_ranks(self, rows: torch.Tensor, meta: list, updates: dict):
+        """Whole-model rows: sums and counts in one all_reduce, maxima in another. Also which
+        ranks held non-finite values at each step."""
+        count, n_layers = rows.shape[0], rows.shape[1]
+        device, f64 = rows.device, torch.float64
+        numel = torch.from_numpy(np.stack([m[2] for m in meta])).to(device, f64)
+        flags = torch.zeros(count, self._world, dtype=f64, device=device)
+        flags[:, self._rank] = rows[:, :, 2].sum(1)
+        steps = sorted(updates)
+        update_sq = (torch.stack([updates[s] for s in steps]) if steps
+                     else torch.zeros(0, 2, n_layers, dtype=f64, device=device))
+        maxima = rows[:, :, 1]
+        nan = maxima.isnan()
+        parts = [rows[:, :, 0], rows[:, :, 2], rows[:, :, 3], numel, nan.to(f64), flags, update_sq]
+        sums = torch.cat([p.reshape(-1) for p in parts])
+        maxes = torch.where(nan, torch.zeros_like(maxima), maxima).reshape(-1).clone()
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=self.group)
+        sizes = [p.numel() for p in parts]
+        sq, nonfinite, zeros, numel, nan_count, flags, update_sq = torch.split(sums, sizes)
+        shape = (count, n_layers)
+        maxes = maxes.reshape(shape)
+        maxes = torch.where(nan_count.reshape(shape) > 0, torch.full_like(maxes, float("nan")),
+                            maxes)
+        reduced = torch.stack([sq.reshape(shape), maxes, nonfinite.reshape(shape),
+                               zeros.reshape(shape)], dim=2)
+        numel = numel.reshape(shape).to(torch.int64).cpu().numpy()
+        meta = [(step, skipped, numel[k]) for k, (step, skipped, _) in enumerate(meta)]
+        update_sq = update_sq.reshape(len(steps), 2, n_layers)
+        return reduced, meta, dict(zip(steps, update_sq)), flags.reshape(count, self._world)
 
     def _drain(self, block: bool = True) -> None:
         """Process the copies that have arrived (all of them when ``block``)."""
         while self._pending:
-            ready, host, meta, updates = self._pending[0]
+            ready, host, meta, updates, rank_flags = self._pending[0]
             if ready is not None and not ready.query():
                 if not block and len(self._pending) == 1:
                     return  # still in flight: handled at the next log step
                 ready.synchronize()
             self._pending.pop(0)
-            self._process(host.numpy(), meta, updates)
-        for sink in self.sinks:
+            flags = None if rank_flags is None else rank_flags.numpy()
+            self._process(host.numpy(), meta, updates, flags)
+        for sink in self._sinks_here():
             sink.flush()
 
-    def _process(self, rows: np.ndarray, meta: list, updates: dict) -> None:
-        for (step, skipped, numel), row in zip(meta, rows):
+    def _sinks_here(self) -> list[Sink]:
+        return self.sinks if self._rank == 0 else []
+
+    def _process(self, rows: np.ndarray, meta: list, updates: dict,
+                 rank_flags: np.ndarray | None = None) -> None:
+        for k, ((step, skipped, numel), row) in enumerate(zip(meta, rows)):
             s = StepStats(step=step, grad_sq=row[:, 0], grad_max=row[:, 1], nonfinite=row[:, 2],
                           zeros=row[:, 3], numel=numel.astype(np.float64), skipped=skipped)
+            if rank_flags is not None:
+                s.nonfinite_ranks = [int(r) for r in np.flatnonzero(rank_flags[k])]
             if step in updates:
-                weight_norm, ratio = updates[step]
-                s.weight_norm, s.update_ratio = weight_norm.numpy(), ratio.numpy()
+                w_sq, d_sq = updates[step].numpy()
+                s.weight_norm = np.sqrt(w_sq)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    s.update_ratio = np.sqrt(d_sq) / s.weight_norm
             self.history.append(s)
             if len(self.history) > self.keep_history:
                 del self.history[: len(self.history) - self.keep_history]
-            for sink in self.sinks:
+            for sink in self._sinks_here():
                 sink.write(self._record(s))
             for detector in self.detectors:
                 for event in detector.observe(s, self.layers):
                     self.events.append(event)
-                    for sink in self.sinks:
+                    for sink in self._sinks_here():
                         sink.write({"type": "event", **event.as_dict()})
 
     def _record(self, s: StepStats) -> dict:

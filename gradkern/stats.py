@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _engine
+from . import _engine, distributed
 from ._norm_spec import parse_norm_type
 from ._params import TensorOrTensors, grads_of
 
@@ -37,7 +37,7 @@ class GradStats:
 
 
 @torch.no_grad()
-def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0) -> GradStats:
+def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0, *, group=None) -> GradStats:
     """Norm, max |g|, non-finite count and zero count of every gradient, in one read pass.
 
     Nothing is copied to the host: the fields stay on the gradients' device, so calling this
@@ -46,6 +46,10 @@ def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0) -> GradStats
     Args:
         parameters: a tensor, an iterable of tensors, or ``named_parameters()`` pairs.
         norm_type: p of the per-tensor and total norms. Default: 2.0.
+        group: a ``torch.distributed`` process group whose ranks each hold a shard of every
+            gradient (FSDP-style: entry i on every rank is part of the same gradient i, so every
+            rank must have the same number of gradients). The fields are then the whole
+            gradients' statistics, from two packed collectives. Default: None.
 
     Example:
         >>> import torch, gradkern as gk
@@ -57,6 +61,8 @@ def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0) -> GradStats
     """
     spec = parse_norm_type(norm_type)
     grads, names = grads_of(parameters)
+    if group is not None:
+        return _grad_stats_across(grads, names, spec, group)
     if not grads:
         empty_f = torch.zeros(0)
         empty_i = torch.zeros(0, dtype=torch.int64)
@@ -64,6 +70,30 @@ def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0) -> GradStats
     g = _engine.gather(grads, names)
     raw, numel = _engine.tensor_stats(g, spec)
     out_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+    return GradStats(
+        names=names,
+        norm=_engine.per_tensor_norms(raw, numel, spec).to(out_dtype),
+        max_abs=raw.max_abs.to(out_dtype),
+        nonfinite=raw.nonfinite,
+        zeros=raw.zeros,
+        numel=numel,
+        total_norm=_engine.total_norm(raw, numel, spec).to(out_dtype),
+    )
+
+
+def _grad_stats_across(grads, names, spec, group) -> GradStats:
+    """grad_stats of shards: entry i of every rank is a part of the same gradient i."""
+    def local():
+        if not grads:
+            return None, None, None
+        g = _engine.gather(grads, names)
+        return (g, *_engine.tensor_stats(g, spec))
+
+    result, error = distributed.run_local(local)
+    g, raw, numel = result if result is not None else (None, None, None)
+    device = distributed.collective_device(group, None if g is None else g.device)
+    raw, numel = distributed.reduce_per_tensor(raw, numel, len(grads), spec, group, device, error)
+    out_dtype = torch.float64 if g is not None and g.dtype == torch.float64 else torch.float32
     return GradStats(
         names=names,
         norm=_engine.per_tensor_norms(raw, numel, spec).to(out_dtype),

@@ -1,0 +1,192 @@
+"""Statistics of one gradient set split across ranks (``group=`` on the ops, clippers, Monitor).
+
+Each rank computes its local per-tensor statistics with the kernels; then one packed
+``all_reduce(SUM)`` carries every sum and count (p-th power sums, NaN/inf counts, zeros, element
+counts, error flags) and one ``all_reduce(MAX)`` every maximum (max |g|, and min |g| as a max
+of negatives). Two collectives per call whatever the number of tensors, no host sync (the
+buffers stay on the gradients' device), and NaN is carried as a count rather than trusted to
+the collective's max.
+
+Two shapes of reduction:
+
+* totals (norms, global clipping): a fixed-size message, so every rank may hold a different
+  number of tensors (pipeline stages, uneven shards, a rank with no gradients at all);
+* per tensor (``grad_stats``, per-tensor clipping): entry i of every rank is a shard of the same
+  logical tensor i (FSDP-style), so every rank must pass the same number of tensors.
+
+An exception on one rank (bad argument, unsupported dtype) does not leave the others waiting:
+the failing rank still joins the collectives with an error flag, then re-raises; the others
+raise a RuntimeError that says which rank failed.
+
+Example (two processes with a gloo group, each holding half of the gradients)::
+
+    total = gk.get_total_norm(my_shards, group=dist.group.WORLD)   # the whole set's norm
+"""
+# A NaN in Totals.nan_tensors (another rank failed, on a GPU without a sync) makes every norm
+# NaN: Totals.norm tests nan_tensors > 0, which is False for NaN, so it is tested separately.
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ._norm_spec import NormKind, NormSpec
+from .backends import RawStats
+
+__all__ = ["Totals", "reduce_totals", "reduce_per_tensor", "run_local", "collective_device",
+           "RemoteError"]
+
+T = TypeVar("T")
+
+
+class RemoteError(RuntimeError):
+    """Another rank of the group raised; this rank raises too instead of waiting forever."""
+
+
+def run_local(fn: Callable[[], T]) -> tuple[T | None, BaseException | None]:
+    """Run the local part of a collective call; an exception is kept for after the collectives."""
+    try:
+        return fn(), None
+    except Exception as exc:  # re-raised by finish() once every rank has joined
+        return None, exc
+
+
+def collective_device(group, hint: torch.device | None = None) -> torch.device:
+    """Where the packed buffers live: the gradients' device, else what the backend needs."""
+    if hint is not None:
+        return hint
+    backend = dist.get_backend(group)
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _reduce(sums: torch.Tensor, maxes: torch.Tensor, group) -> None:
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+
+
+def finish(error: BaseException | None, errors_seen: torch.Tensor, may_sync: bool) -> None:
+    """After the collectives: the failing rank re-raises its own error; the others raise
+    RemoteError. Knowing that another rank failed means reading a number from the device, which
+    is free on the CPU; on a GPU it is done only where the call syncs anyway (``may_sync``,
+    e.g. ``error_if_nonfinite=True``); otherwise the results are poisoned with NaN instead."""
+    if error is not None:
+        raise error
+    if errors_seen.device.type == "cpu" or may_sync:
+        failed = int(errors_seen.item())
+        if failed:
+            raise RemoteError(f"gradkern: {failed} other rank(s) of the process group raised in "
+                              "this call; see their error messages")
+
+
+def _poison(value: torch.Tensor, errors_seen: torch.Tensor) -> torch.Tensor:
+    return torch.where(errors_seen > 0, torch.full_like(value, float("nan")), value)
+
+
+@dataclass
+class Totals:
+    """Whole-set statistics after the reduction, 0-dim float64 tensors on one device."""
+
+    power: torch.Tensor  # sum of the kind's power terms over finite-or-inf tensors
+    max_abs: torch.Tensor
+    min_abs: torch.Tensor
+    nonfinite: torch.Tensor
+    zeros: torch.Tensor
+    numel: torch.Tensor
+    nan_tensors: torch.Tensor  # tensors (over all ranks) that hold a NaN
+
+    def norm(self, spec: NormSpec) -> torch.Tensor:
+        """The p-norm of the whole set (NaN when any tensor holds a NaN)."""
+        if spec.kind == NormKind.L2:
+            value = self.power.sqrt()
+        elif spec.kind == NormKind.L1:
+            value = self.power
+        elif spec.kind == NormKind.POWER:
+            value = self.power.pow(1.0 / spec.p)
+        elif spec.kind == NormKind.MIN_ABS:
+            value = self.min_abs
+        elif spec.p == 0.0:
+            value = self.numel - self.zeros
+        else:
+            value = self.max_abs
+        bad = (self.nan_tensors > 0) | self.nan_tensors.isnan()
+        return torch.where(bad, torch.full_like(value, float("nan")), value)
+
+
+_SUM_FIELDS = 6  # power, nonfinite, zeros, numel, nan tensors, errors
+_MAX_FIELDS = 2  # max |g|, -min |g|
+
+
+def _local_totals(raw: RawStats | None, numel: torch.Tensor | None, spec: NormSpec,
+                  device: torch.device, failed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    f64 = torch.float64
+    sums = torch.zeros(_SUM_FIELDS, dtype=f64, device=device)
+    maxes = torch.tensor([0.0, float("-inf")], dtype=f64, device=device)
+    sums[5] = float(failed)
+    if raw is None or raw.power_sum.numel() == 0:
+        return sums, maxes
+    power = raw.power_sum.to(device)
+    nan = power.isnan()
+    finite_power = torch.where(nan, torch.zeros_like(power), power)
+    if spec.kind != NormKind.MIN_ABS:
+        sums[0] = finite_power.sum()
+    sums[1] = raw.nonfinite.to(device, f64).sum()
+    sums[2] = raw.zeros.to(device, f64).sum()
+    sums[3] = numel.to(device, f64).sum()
+    sums[4] = nan.to(f64).sum()
+    max_abs = raw.max_abs.to(device)
+    maxes[0] = torch.where(max_abs.isnan(), torch.zeros_like(max_abs), max_abs).max()
+    if spec.kind == NormKind.MIN_ABS:
+        maxes[1] = -torch.where(nan, torch.full_like(power, float("inf")), power).min()
+    return sums, maxes
+
+
+def reduce_totals(raw: RawStats | None, numel: torch.Tensor | None, spec: NormSpec, group,
+                  device: torch.device, error: BaseException | None,
+                  may_sync: bool = False) -> Totals:
+    """Whole-set totals from each rank's per-tensor statistics (two collectives)."""
+    sums, maxes = _local_totals(raw, numel, spec, device, error is not None)
+    _reduce(sums, maxes, group)
+    finish(error, sums[5], may_sync)
+    return Totals(power=sums[0], max_abs=maxes[0], min_abs=-maxes[1], nonfinite=sums[1],
+                  zeros=sums[2], numel=sums[3], nan_tensors=_poison(sums[4], sums[5]))
+
+
+def reduce_per_tensor(raw: RawStats | None, numel: torch.Tensor | None, n: int,
+                      spec: NormSpec, group, device: torch.device,
+                      error: BaseException | None,
+                      may_sync: bool = False) -> tuple[RawStats, torch.Tensor]:
+    """Entry-wise reduction of the per-tensor statistics of ``n`` tensors (two collectives):
+    entry i of every rank is a shard of the same tensor i."""
+    f64 = torch.float64
+    sums = torch.zeros(5 * n + 1, dtype=f64, device=device)
+    maxes = torch.zeros(2 * n, dtype=f64, device=device)
+    maxes[n:] = float("-inf")
+    sums[-1] = float(error is not None)
+    if raw is not None and n:
+        power = raw.power_sum.to(device)
+        nan = power.isnan()
+        sums[0:n] = torch.where(nan, torch.zeros_like(power), power)
+        sums[n:2 * n] = raw.nonfinite.to(device, f64)
+        sums[2 * n:3 * n] = raw.zeros.to(device, f64)
+        sums[3 * n:4 * n] = numel.to(device, f64)
+        sums[4 * n:5 * n] = nan.to(f64)
+        max_abs = raw.max_abs.to(device)
+        maxes[:n] = torch.where(max_abs.isnan(), torch.zeros_like(max_abs), max_abs)
+        if spec.kind == NormKind.MIN_ABS:
+            maxes[n:] = -torch.where(nan, torch.full_like(power, float("inf")), power)
+    _reduce(sums, maxes, group)
+    finish(error, sums[-1], may_sync)
+    nan_any = (sums[4 * n:5 * n] > 0) | (sums[-1] > 0)
+    nan = torch.full((n,), float("nan"), dtype=f64, device=device)
+    power = -maxes[n:] if spec.kind == NormKind.MIN_ABS else sums[:n]
+    reduced = RawStats(power_sum=torch.where(nan_any, nan, power),
+                       max_abs=torch.where(nan_any, nan, maxes[:n]),
+                       nonfinite=sums[n:2 * n].to(torch.int64),
+                       zeros=sums[2 * n:3 * n].to(torch.int64))
+    return reduced, sums[3 * n:4 * n].to(torch.int64)

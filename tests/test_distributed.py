@@ -1,0 +1,233 @@
+"""group=: sharded gradient sets on 2 and 4 gloo ranks against the same tensors unsharded.
+
+Each test spawns its ranks once and runs a batch of checks in them (spawning costs seconds);
+a failed assertion in any rank fails the test.
+"""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import gradkern as gk
+from gradkern.distributed import RemoteError
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+NORMS = [2.0, 1.0, 3.0, float("inf"), float("-inf"), 0.0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(worker, world: int, *args):
+    mp.spawn(_entry, args=(world, free_port(), worker, args), nprocs=world, join=True)
+
+
+def _entry(rank, world, port, worker, args):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        worker(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def full_set(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [7, 1000, 65_537, 3, 250]
+    return [(torch.randn(n, generator=gen) * (i + 1)).to(dtype) for i, n in enumerate(sizes)]
+
+
+def my_tensors(full, rank, world):
+    """Whole tensors dealt out round-robin: rank r holds tensors r, r + world, ..."""
+    return full[rank::world]
+
+
+def my_shards(full, rank, world):
+    """FSDP-style: every rank holds a slice of every tensor (some slices empty)."""
+    return [t.tensor_split(world)[rank].clone() for t in full]
+
+
+class Holder:
+    def __init__(self, grad):
+        self.grad = grad
+
+
+# ---- workers ---------------------------------------------------------------------------------
+
+def check_norms_and_clipping(rank, world):
+    group = dist.group.WORLD
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        full = full_set(dtype)
+        for p in NORMS:
+            want = gk.get_total_norm(full, p)
+            got = gk.get_total_norm(my_tensors(full, rank, world), p, group=group)
+            torch.testing.assert_close(got, want, rtol=2e-6 if dtype != torch.bfloat16 else 1e-2,
+                                       atol=0)
+            got = gk.get_total_norm(my_shards(full, rank, world), p, group=group)
+            torch.testing.assert_close(got, want, rtol=2e-6 if dtype != torch.bfloat16 else 1e-2,
+                                       atol=0)
+    # NaN on one rank poisons the whole set's norm on every rank
+    full = full_set()
+    mine = my_tensors(full, rank, world)
+    if rank == world - 1:
+        mine[0][0] = float("nan")
+    assert torch.isnan(gk.get_total_norm(mine, group=group))
+    # clip_grad_norm_: the same as clipping the full set, then sharding
+    full = full_set(seed=1)
+    reference = [Holder(t.clone()) for t in full]
+    want_norm = gk.clip_grad_norm_(reference, 1.0)
+    mine = [Holder(t) for t in my_shards(full, rank, world)]
+    got_norm = gk.clip_grad_norm_(mine, 1.0, group=group)
+    torch.testing.assert_close(got_norm, want_norm, rtol=1e-6, atol=0)
+    for h, r in zip(mine, reference):
+        torch.testing.assert_close(h.grad, r.grad.tensor_split(world)[rank], rtol=1e-6, atol=0)
+    # per-tensor clipping of FSDP shards uses each whole tensor's norm
+    full = full_set(seed=2)
+    reference = [Holder(t.clone()) for t in full]
+    gk.clip_(reference, max_norm=0.5, per_tensor=True)
+    mine = [Holder(t) for t in my_shards(full, rank, world)]
+    gk.clip_(mine, max_norm=0.5, per_tensor=True, group=group)
+    for h, r in zip(mine, reference):
+        torch.testing.assert_close(h.grad, r.grad.tensor_split(world)[rank], rtol=1e-6, atol=0)
+    # grad_stats of shards: whole-tensor statistics on every rank
+    full = full_set(seed=3)
+    full[1][::5] = 0
+    full[2][9] = float("inf")
+    want = gk.grad_stats([Holder(t) for t in full])
+    got = gk.grad_stats([Holder(t) for t in my_shards(full, rank, world)], group=group)
+    torch.testing.assert_close(got.norm, want.norm, rtol=1e-6, atol=0)
+    assert torch.equal(got.max_abs, want.max_abs)
+    assert torch.equal(got.zeros, want.zeros) and torch.equal(got.nonfinite, want.nonfinite)
+    assert torch.equal(got.numel, want.numel)
+    # a rank with no gradients at all still takes part
+    mine = [] if rank == 0 else my_tensors(full_set(), rank - 1, world - 1)
+    torch.testing.assert_close(gk.get_total_norm(mine, group=group),
+                               gk.get_total_norm(full_set()), rtol=1e-6, atol=0)
+    # the clippers with group= agree with the unsharded clipper
+    full = full_set(seed=4)
+    reference = [Holder(t.clone()) for t in full]
+    want_norm = gk.ClipByNorm(2.0).clip_(reference)
+    mine = [Holder(t) for t in my_shards(full, rank, world)]
+    got_norm = gk.ClipByNorm(2.0, group=group).clip_(mine)
+    torch.testing.assert_close(got_norm, want_norm, rtol=1e-6, atol=0)
+    for h, r in zip(mine, reference):
+        torch.testing.assert_close(h.grad, r.grad.tensor_split(world)[rank], rtol=1e-6, atol=0)
+
+
+def check_errors_reach_every_rank(rank, world):
+    group = dist.group.WORLD
+    mine = [torch.randn(10)]
+    if rank == 1:
+        mine = [torch.ones(10, dtype=torch.int32)]  # only this rank has a bad gradient
+    with pytest.raises(TypeError if rank == 1 else RemoteError):
+        gk.get_total_norm(mine, group=group)
+    # error_if_nonfinite: the same verdict on every rank, even where the grads are finite
+    mine = [torch.randn(10)]
+    if rank == 0:
+        mine[0][3] = float("inf")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gk.clip_grad_norm_([Holder(mine[0])], 1.0, error_if_nonfinite=True, group=group)
+    # afterwards the group still works
+    assert torch.isfinite(gk.get_total_norm([torch.ones(3)], group=group))
+
+
+def check_two_collectives_per_call(rank, world):
+    group = dist.group.WORLD
+    calls = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        many = [torch.randn(4) for _ in range(1000)]
+        gk.get_total_norm(many, group=group)
+        assert len(calls) == 2 and max(calls) <= 6  # fixed-size message, whatever the count
+        calls.clear()
+        gk.clip_(many, max_norm=1.0, group=group)
+        assert len(calls) == 2
+        calls.clear()
+        gk.grad_stats([Holder(t) for t in many], group=group)
+        assert len(calls) == 2 and max(calls) == 5 * 1000 + 1  # one packed message
+    finally:
+        dist.all_reduce = original
+
+
+class ShardedNet(nn.Module):
+    """The same module structure on every rank; each parameter holds this rank's rows."""
+
+    def __init__(self, shapes, rank, world):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for rows, cols in shapes:
+            m = nn.Module()
+            m.weight = nn.Parameter(torch.zeros(rows, cols).tensor_split(world)[rank].clone())
+            self.layers.append(m)
+
+
+def check_monitor(rank, world, out_dir):
+    group = dist.group.WORLD
+    shapes = [(8, 4), (6, 8), (1, 6)]
+    net = ShardedNet(shapes, rank, world)
+    path = os.path.join(out_dir, f"rank{rank}.jsonl")
+    mon = gk.Monitor(net, log_every=2, sinks=[gk.sinks.JSONL(path)], group=group,
+                     detectors=[gk.detectors.NonFinite()])
+    gen = torch.Generator().manual_seed(0)
+    full_grads = []
+    for step in range(4):
+        grads = [torch.randn(r, c, generator=gen) for r, c in shapes]
+        if step == 3:
+            grads[1][-1, 0] = float("nan")  # the last row lands on the last rank
+        full_grads.append(grads)
+        for p, g in zip(net.parameters(), grads):
+            p.grad = g.tensor_split(world)[rank].clone()
+        mon.step()
+    mon.close()
+    for s, grads in zip(mon.history, full_grads):
+        for i, g in enumerate(grads):
+            if s.step < 3 or i != 1:
+                assert abs(s.grad_sq[i] - float(g.double().pow(2).sum())) <= 1e-9 * s.grad_sq[i]
+            assert s.numel[i] == g.numel()
+    event = [e for e in mon.events if e.kind == "nonfinite"]
+    assert len(event) == 1 and event[0].layers == ["layers.1"]
+    assert event[0].evidence["ranks"] == [world - 1]
+    lines = open(path).read().splitlines()
+    if rank == 0:
+        records = [json.loads(line) for line in lines]
+        assert [r["step"] for r in records if r["type"] == "step"] == [0, 1, 2, 3]
+        assert records[0]["layers"]["layers.0"]["grad_norm"] == pytest.approx(
+            float(full_grads[0][0].norm()), rel=1e-6)
+    else:
+        assert lines == []  # only rank 0 writes
+
+
+# ---- tests -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_norms_and_clipping_match_unsharded(world):
+    spawn(check_norms_and_clipping, world)
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank():
+    spawn(check_errors_reach_every_rank, 2)
+
+
+def test_one_packed_message_per_reduction():
+    spawn(check_two_collectives_per_call, 2)
+
+
+def test_monitor_reduces_across_ranks_and_writes_on_rank_0(tmp_path):
+    spawn(check_monitor, 2, str(tmp_path))
