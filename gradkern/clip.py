@@ -9,6 +9,7 @@ import torch
 
 from . import _engine, distributed
 from ._norm_spec import NormSpec, parse_norm_type
+from ._table import result_dtype
 from ._params import TensorOrTensors, check_bound, grads_of, split_names
 
 __all__ = ["get_total_norm", "clip_grads_with_norm_", "clip_grad_norm_", "clip_grad_value_",
@@ -37,6 +38,8 @@ def _norms(
     :mod:`gradkern.distributed`); the gathered tensors are this rank's (None when it has none),
     and per-tensor norms are reduced entry-wise only when ``per_tensor`` asks for them.
     """
+    if any(map(distributed.is_dtensor, tensors)):
+        return _dtensor_norms(tensors, names, spec, error_if_nonfinite, group, per_tensor)
     if group is None:
         g = _engine.gather(tensors, names)
         raw, numel = _engine.tensor_stats(g, spec)
@@ -71,6 +74,46 @@ def _norms(
                            "cannot be clipped. To disable this error, set "
                            "`error_if_nonfinite=False`")
     return g, norms, total
+
+
+def _dtensor_norms(tensors, names, spec: NormSpec, error_if_nonfinite: bool, group,
+                   per_tensor: bool):
+    """Norms of a list holding DTensor gradients (FSDP2, tensor parallel): each set of DTensors
+    with the same mesh and placements is reduced over the mesh dimensions that shard it;
+    plain tensors over ``group`` (or not at all). Returns a list of gathered local shards."""
+    if per_tensor:
+        raise NotImplementedError("per-tensor clipping of DTensor gradients is not supported "
+                                  "yet; clip the global norm, or pass to_local() shards")
+    parts, gathered = [], []
+
+    def local_stats(items, item_names):
+        def run():
+            g = _engine.gather(items, item_names)
+            return (g, *_engine.tensor_stats(g, spec))
+        return distributed.run_local(run)
+
+    work = distributed.reduction_sets(tensors, group)
+    for idx, groups, is_d in work:
+        items = [distributed.dtensor_local(tensors[i]) if is_d else tensors[i] for i in idx]
+        result, error = local_stats(items, None if names is None else [names[i] for i in idx])
+        g, raw, numel = result if result is not None else (None, None, None)
+        device = g.device if g is not None else items[0].device
+        parts.append(distributed.reduce_totals(raw, numel, spec, groups, device, error,
+                                               error_if_nonfinite))
+        if g is not None:
+            gathered.append(g)
+    total = distributed.combine_totals(parts).norm(spec)
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        raise RuntimeError(f"The total norm of order {spec.p} for gradients from `parameters` is "
+                           "non-finite, so it cannot be clipped. To disable this error, set "
+                           "`error_if_nonfinite=False`")
+    return gathered, None, total
+
+
+def _clip_each(g, coef, value: float) -> None:
+    """clip_in_place over one gathered set, a list of them (DTensor sets), or none."""
+    for one in g if isinstance(g, list) else ([] if g is None else [g]):
+        _engine.clip_in_place(one, coef, value)
 
 
 def get_total_norm(
@@ -117,8 +160,10 @@ def get_total_norm(
     return total.to(_result_dtype(g))
 
 
-def _result_dtype(g: _engine.Gathered | None) -> torch.dtype:
+def _result_dtype(g) -> torch.dtype:
     """torch's promoted dtype of the gradients; the default dtype for a rank that has none."""
+    if isinstance(g, list):
+        return result_dtype({one.dtype for one in g}) if g else torch.get_default_dtype()
     return torch.get_default_dtype() if g is None else g.dtype
 
 
@@ -213,8 +258,7 @@ def clip_grad_norm_(
     if not grads and group is None:
         return torch.tensor(0.0)
     g, _, total = _norms(grads, names, spec, error_if_nonfinite, group)
-    if g is not None:
-        _engine.clip_in_place(g, _clip_coef(max_norm, total).reshape(1), float("inf"))
+    _clip_each(g, _clip_coef(max_norm, total).reshape(1), float("inf"))
     return total.to(_result_dtype(g))
 
 
@@ -245,6 +289,8 @@ def clip_grad_value_(
     grads, names = grads_of(parameters)
     if not grads:
         return
+    # elementwise: a DTensor's local shard is clamped where it lives
+    grads = [g.to_local() if distributed.is_dtensor(g) else g for g in grads]
     _engine.clip_in_place(_engine.gather(grads, names), None, clip_value)
 
 
@@ -305,6 +351,6 @@ def clip_(
     coef = None
     if max_norm is not None:
         coef = _clip_coef(max_norm, norms if per_tensor else total.reshape(1))
-    if g is not None and (coef is not None or value is not None):
-        _engine.clip_in_place(g, coef, value_bound)
+    if coef is not None or value is not None:
+        _clip_each(g, coef, value_bound)
     return total.to(_result_dtype(g))

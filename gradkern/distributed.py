@@ -149,9 +149,12 @@ def _local_totals(raw: RawStats | None, numel: torch.Tensor | None, spec: NormSp
 def reduce_totals(raw: RawStats | None, numel: torch.Tensor | None, spec: NormSpec, group,
                   device: torch.device, error: BaseException | None,
                   may_sync: bool = False) -> Totals:
-    """Whole-set totals from each rank's per-tensor statistics (two collectives)."""
+    """Whole-set totals from each rank's per-tensor statistics: two collectives per group
+    (``group`` may be a list of groups, reduced one after the other, e.g. the sharded
+    dimensions of a device mesh; an empty list reduces nothing)."""
     sums, maxes = _local_totals(raw, numel, spec, device, error is not None)
-    _reduce(sums, maxes, group)
+    for g in group if isinstance(group, list) else [group]:
+        _reduce(sums, maxes, g)
     finish(error, sums[5], may_sync)
     return Totals(power=sums[0], max_abs=maxes[0], min_abs=-maxes[1], nonfinite=sums[1],
                   zeros=sums[2], numel=sums[3], nan_tensors=_poison(sums[4], sums[5]))
@@ -180,7 +183,8 @@ def reduce_per_tensor(raw: RawStats | None, numel: torch.Tensor | None, n: int,
         maxes[:n] = torch.where(max_abs.isnan(), torch.zeros_like(max_abs), max_abs)
         if spec.kind == NormKind.MIN_ABS:
             maxes[n:] = -torch.where(nan, torch.full_like(power, float("inf")), power)
-    _reduce(sums, maxes, group)
+    for g in group if isinstance(group, list) else [group]:
+        _reduce(sums, maxes, g)
     finish(error, sums[-1], may_sync)
     nan_any = (sums[4 * n:5 * n] > 0) | (sums[-1] > 0)
     nan = torch.full((n,), float("nan"), dtype=f64, device=device)
@@ -190,3 +194,72 @@ def reduce_per_tensor(raw: RawStats | None, numel: torch.Tensor | None, n: int,
                        nonfinite=sums[n:2 * n].to(torch.int64),
                        zeros=sums[2 * n:3 * n].to(torch.int64))
     return reduced, sums[3 * n:4 * n].to(torch.int64)
+
+
+# ---- DTensor gradients (FSDP2 fully_shard, tensor parallel) -----------------------------------
+
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def dtensor_local(t) -> torch.Tensor:
+    """The local shard of a DTensor gradient, its partial sums reduced first (once)."""
+    if any(p.is_partial() for p in t.placements):
+        from torch.distributed.tensor import Replicate
+
+        placements = [Replicate() if p.is_partial() else p for p in t.placements]
+        t = t.redistribute(t.device_mesh, placements)
+    return t.to_local()
+
+
+def sharding_groups(t) -> list:
+    """The process groups to reduce a DTensor's statistics over: one per mesh dimension that
+    shards it. Replicated dimensions hold copies and are counted once, by not reducing."""
+    mesh = t.device_mesh
+    return [mesh.get_group(dim) for dim, p in enumerate(t.placements) if p.is_shard()]
+
+
+def dtensor_key(t) -> tuple:
+    return (id(t.device_mesh), tuple(str(p) for p in t.placements))
+
+
+def combine_totals(parts: list[Totals]) -> Totals:
+    """Totals of disjoint sets, already reduced each: add sums, max the maxima, min the minima."""
+    first = parts[0]
+    out = Totals(first.power.clone(), first.max_abs.clone(), first.min_abs.clone(),
+                 first.nonfinite.clone(), first.zeros.clone(), first.numel.clone(),
+                 first.nan_tensors.clone())
+    for t in parts[1:]:
+        device = out.power.device
+        out.power = out.power + t.power.to(device)
+        out.max_abs = torch.maximum(out.max_abs, t.max_abs.to(device))
+        out.min_abs = torch.minimum(out.min_abs, t.min_abs.to(device))
+        out.nonfinite = out.nonfinite + t.nonfinite.to(device)
+        out.zeros = out.zeros + t.zeros.to(device)
+        out.numel = out.numel + t.numel.to(device)
+        out.nan_tensors = out.nan_tensors + t.nan_tensors.to(device)
+    return out
+
+
+def reduction_sets(tensors: list, group) -> list[tuple[list[int], list, bool]]:
+    """Split a gradient list into sets reduced the same way: ``(indices, groups, is_dtensor)``.
+
+    DTensors with the same mesh and placements form one set, reduced over the mesh dimensions
+    that shard them; the plain tensors form one set, reduced over ``group`` (or not at all).
+    The order depends only on the list, so every rank issues the same collectives.
+    """
+    sets: dict[tuple, list[int]] = {}
+    plain: list[int] = []
+    for i, t in enumerate(tensors):
+        if is_dtensor(t):
+            sets.setdefault(dtensor_key(t), []).append(i)
+        else:
+            plain.append(i)
+    work = [(idx, sharding_groups(tensors[idx[0]]), True) for idx in sets.values()]
+    if plain or not work:
+        work.append((plain, [] if group is None else [group], False))
+    return work

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import _engine
+from . import _engine, distributed
 from ._norm_spec import parse_norm_type
 from .clippers import Clipper, _Grads, as_clipper
 from .detectors import Detector, StepStats, default_detectors
@@ -30,6 +30,11 @@ __all__ = ["Monitor"]
 
 _FIELDS = 4  # grad_sq, grad_max, nonfinite, zeros
 _L2 = parse_norm_type(2.0)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2, tensor parallel); other tensors as they are."""
+    return distributed.dtensor_local(t) if distributed.is_dtensor(t) else t
 
 
 class _SkipStep(Exception):
@@ -66,7 +71,8 @@ class Monitor:
             (two packed collectives), so layers and totals describe the whole model; clipping
             and ``skip_nonfinite`` decide on the whole model too; sinks are written on rank 0
             only; non-finite events say which rank(s) held the bad values. DDP needs no group
-            (its gradients are already identical on every rank).
+            (its gradients are already identical on every rank). With FSDP2 (DTensor
+            parameters) pass the group that shards them; the Monitor reads the local shards.
 
     Attributes:
         events: every :class:`gradkern.Event` so far.
@@ -134,7 +140,6 @@ class Monitor:
 
         n_layers = len(self.layers)
         self._param_layer = np.asarray(self.layers.layer_of, dtype=np.int64)
-        self._param_numel = np.asarray([p.numel() for p in self.layers.params], dtype=np.int64)
         self._ring: torch.Tensor | None = None  # (log_every, layers, _FIELDS) float64
         self._ring_numel = np.zeros((self.log_every, n_layers), dtype=np.int64)
         self._ring_steps: list[int] = []
@@ -226,7 +231,8 @@ class Monitor:
                 self._ring[slot].zero_()
             return False
         params = [self.layers.params[i] for i in present]
-        g = _engine.gather([p.grad for p in params], None)
+        local_grads = [_local(p.grad) for p in params]
+        g = _engine.gather(local_grads, None)
         raw, numel = _engine.tensor_stats(g, _L2)
         device = raw.power_sum.device
         if self._ring is None:
@@ -239,7 +245,8 @@ class Monitor:
         row[:, 1].scatter_reduce_(0, index, raw.max_abs, "amax")
         row[:, 2].index_add_(0, index, raw.nonfinite.to(torch.float64))
         row[:, 3].index_add_(0, index, raw.zeros.to(torch.float64))
-        np.add.at(self._ring_numel[slot], self._param_layer[present], self._param_numel[present])
+        np.add.at(self._ring_numel[slot], self._param_layer[present],
+                  np.fromiter(map(torch.Tensor.numel, local_grads), np.int64, len(present)))
 
         bad = row[:, 2].sum()
         if self.skip_nonfinite and self.group is not None:
@@ -271,12 +278,13 @@ class Monitor:
 
     def _take_snapshot(self) -> None:
         present = [i for i, p in enumerate(self.layers.params) if p.grad is not None]
-        self._snapshot = (present, [self.layers.params[i].detach().clone() for i in present])
+        self._snapshot = (present, [_local(self.layers.params[i].detach()).clone()
+                                    for i in present])
 
     def _measure_updates(self) -> None:
         present, before = self._snapshot
         self._snapshot = None
-        after = [self.layers.params[i].detach() for i in present]
+        after = [_local(self.layers.params[i].detach()) for i in present]
         w_raw, _ = _engine.tensor_stats(_engine.gather(before, None), _L2)
         torch._foreach_sub_(before, after)  # the snapshot becomes -update: no second copy
         d_raw, _ = _engine.tensor_stats(_engine.gather(before, None), _L2)

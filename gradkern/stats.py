@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _engine, distributed
+from .backends import RawStats
 from ._norm_spec import parse_norm_type
 from ._params import TensorOrTensors, grads_of
 
@@ -61,7 +62,7 @@ def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0, *, group=Non
     """
     spec = parse_norm_type(norm_type)
     grads, names = grads_of(parameters)
-    if group is not None:
+    if group is not None or any(map(distributed.is_dtensor, grads)):
         return _grad_stats_across(grads, names, spec, group)
     if not grads:
         empty_f = torch.zeros(0)
@@ -82,26 +83,51 @@ def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0, *, group=Non
 
 
 def _grad_stats_across(grads, names, spec, group) -> GradStats:
-    """grad_stats of shards: entry i of every rank is a part of the same gradient i."""
-    def local():
-        if not grads:
-            return None, None, None
-        g = _engine.gather(grads, names)
-        return (g, *_engine.tensor_stats(g, spec))
+    """grad_stats of shards: with ``group``, entry i of every rank is a part of the same
+    gradient i; a DTensor gradient is reduced over the mesh dimensions that shard it."""
+    work = distributed.reduction_sets(grads, group)
+    n = len(grads)
+    pieces = []
+    for idx, groups, is_d in work:
+        items = [distributed.dtensor_local(grads[i]) if is_d else grads[i] for i in idx]
 
-    result, error = distributed.run_local(local)
-    g, raw, numel = result if result is not None else (None, None, None)
-    device = distributed.collective_device(group, None if g is None else g.device)
-    raw, numel = distributed.reduce_per_tensor(raw, numel, len(grads), spec, group, device, error)
-    out_dtype = torch.float64 if g is not None and g.dtype == torch.float64 else torch.float32
+        def local(items=items):
+            if not items:
+                return None, None, None
+            g = _engine.gather(items, None)
+            return (g, *_engine.tensor_stats(g, spec))
+
+        result, error = distributed.run_local(local)
+        g, raw, numel = result if result is not None else (None, None, None)
+        if g is not None:
+            device = g.device
+        elif group is not None:
+            device = distributed.collective_device(group)
+        else:
+            device = items[0].device if items else torch.device("cpu")
+        raw, numel = distributed.reduce_per_tensor(raw, numel, len(idx), spec, groups, device,
+                                                   error)
+        pieces.append((idx, raw, numel, None if g is None else g.dtype))
+    device = pieces[0][1].power_sum.device
+    f64, i64 = torch.float64, torch.int64
+    full = {k: torch.zeros(n, dtype=f64 if k in ("power_sum", "max_abs") else i64, device=device)
+            for k in ("power_sum", "max_abs", "nonfinite", "zeros")}
+    full_numel = torch.zeros(n, dtype=i64, device=device)
+    for idx, raw, numel, _ in pieces:
+        index = torch.tensor(idx, dtype=torch.long, device=device)
+        for k in full:
+            full[k][index] = getattr(raw, k).to(device)
+        full_numel[index] = numel.to(device)
+    raw = RawStats(**full)
+    out_dtype = torch.float64 if any(d == torch.float64 for *_, d in pieces) else torch.float32
     return GradStats(
         names=names,
-        norm=_engine.per_tensor_norms(raw, numel, spec).to(out_dtype),
+        norm=_engine.per_tensor_norms(raw, full_numel, spec).to(out_dtype),
         max_abs=raw.max_abs.to(out_dtype),
         nonfinite=raw.nonfinite,
         zeros=raw.zeros,
-        numel=numel,
-        total_norm=_engine.total_norm(raw, numel, spec).to(out_dtype),
+        numel=full_numel,
+        total_norm=_engine.total_norm(raw, full_numel, spec).to(out_dtype),
     )
 
 

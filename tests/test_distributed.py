@@ -231,3 +231,98 @@ def test_one_packed_message_per_reduction():
 
 def test_monitor_reduces_across_ranks_and_writes_on_rank_0(tmp_path):
     spawn(check_monitor, 2, str(tmp_path))
+
+
+def check_dtensor(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    full = [torch.randn(8, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    full[2][5, 1] = 0.0
+    want_norm = {p: gk.get_total_norm(full, p) for p in NORMS}
+    want_stats = gk.grad_stats([Holder(t) for t in full])
+    meshes = [init_device_mesh("cpu", (world,))]
+    if world == 4:
+        meshes.append(init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp")))
+    for mesh in meshes:
+        layouts = ([[Shard(0)], [Shard(1)], [Replicate()]] if mesh.ndim == 1 else
+                   [[Shard(0), Shard(1)], [Replicate(), Shard(0)], [Shard(1), Replicate()],
+                    [Replicate(), Replicate()]])
+        for placements in layouts:
+            # clones: a local shard can share storage with its source, and clipping writes
+            grads = [distribute_tensor(t.clone(), mesh, placements) for t in full]
+            # mixed placements in one list: the last tensor replicated everywhere
+            grads[-1] = distribute_tensor(full[-1].clone(), mesh, [Replicate()] * mesh.ndim)
+            for p in NORMS:
+                torch.testing.assert_close(gk.get_total_norm(grads, p), want_norm[p],
+                                           rtol=2e-6, atol=0)
+            s = gk.grad_stats([Holder(g) for g in grads])
+            torch.testing.assert_close(s.norm, want_stats.norm, rtol=2e-6, atol=0)
+            assert torch.equal(s.zeros, want_stats.zeros)
+            assert torch.equal(s.numel, want_stats.numel)
+            # clipping the global norm: every shard scaled by the whole set's coefficient
+            holders = [Holder(g) for g in grads]
+            reference = [Holder(t.clone()) for t in full]
+            gk.clip_grad_norm_(reference, 1.0)
+            gk.clip_grad_norm_(holders, 1.0)
+            for h, r in zip(holders, reference):
+                torch.testing.assert_close(h.grad.full_tensor(), r.grad, rtol=1e-6, atol=1e-7)
+
+
+    # Partial: each rank holds a part of the sum; reduced once before the statistics
+    from torch.distributed.tensor import DTensor, Partial
+
+    mesh = meshes[0]
+    partial = [DTensor.from_local(t / world, mesh, [Partial()]) for t in full]
+    torch.testing.assert_close(gk.get_total_norm(partial), want_norm[2.0], rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_dtensor_gradients_on_1d_and_2d_meshes(world):
+    spawn(check_dtensor, world)
+
+
+def check_fsdp2(rank, world, out_dir):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    reference = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    try:
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+        model(x).pow(2).mean().backward()
+    except Exception as exc:  # this torch cannot run FSDP2 on the CPU
+        if rank == 0:
+            with open(os.path.join(out_dir, "skip"), "w") as f:
+                f.write(f"{type(exc).__name__}: {exc}")
+        return
+    reference(x).pow(2).mean().backward()
+    # every rank saw the same batch, so FSDP2's averaged grads equal the reference grads
+    want = gk.get_total_norm([p.grad for p in reference.parameters()])
+    assert gk.grad_stats(model.parameters()).numel.tolist() == [p.numel() for p in
+                                                                reference.parameters()]
+    got = gk.clip_grad_norm_(model.parameters(), 0.1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+    for p, r in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), r.grad, rtol=1e-5, atol=1e-7)
+    # the Monitor on the sharded model reports the whole model's layers
+    mon = gk.Monitor(model, group=dist.group.WORLD, log_every=1, detectors=None)
+    mon.step()
+    mon.close()
+    s = mon.history[0]
+    for i, layer in enumerate(("0", "2")):
+        grads = [p.grad for n, p in reference.named_parameters() if n.startswith(layer + ".")]
+        want_sq = sum(float(g.double().pow(2).sum()) for g in grads)
+        assert abs(s.grad_sq[i] - want_sq) <= 1e-5 * want_sq
+        assert s.numel[i] == sum(g.numel() for g in grads)
+
+
+def test_fsdp2_fully_shard_gradients(tmp_path):
+    spawn(check_fsdp2, 2, str(tmp_path))
+    if (tmp_path / "skip").exists():
+        pytest.skip(f"FSDP2 does not run on the CPU with this torch: {(tmp_path / 'skip').read_text()}")
