@@ -80,10 +80,8 @@ def _dtensor_norms(tensors, names, spec: NormSpec, error_if_nonfinite: bool, gro
                    per_tensor: bool):
     """Norms of a list holding DTensor gradients (FSDP2, tensor parallel): each set of DTensors
     with the same mesh and placements is reduced over the mesh dimensions that shard it;
-    plain tensors over ``group`` (or not at all). Returns a list of gathered local shards."""
-    if per_tensor:
-        raise NotImplementedError("per-tensor clipping of DTensor gradients is not supported "
-                                  "yet; clip the global norm, or pass to_local() shards")
+    plain tensors over ``group`` (or not at all). Returns a list of gathered local shards (one
+    per set) and, with ``per_tensor``, a list of whole-tensor norms (one tensor per set)."""
     parts, gathered = [], []
 
     def local_stats(items, item_names):
@@ -92,12 +90,18 @@ def _dtensor_norms(tensors, names, spec: NormSpec, error_if_nonfinite: bool, gro
             return (g, *_engine.tensor_stats(g, spec))
         return distributed.run_local(run)
 
+    set_norms = []
     work = distributed.reduction_sets(tensors, group)
     for idx, groups, is_d in work:
         items = [distributed.dtensor_local(tensors[i]) if is_d else tensors[i] for i in idx]
         result, error = local_stats(items, None if names is None else [names[i] for i in idx])
         g, raw, numel = result if result is not None else (None, None, None)
         device = g.device if g is not None else items[0].device
+        if per_tensor:  # whole-tensor norms of this set, entry-wise over its sharding groups
+            raw_all, numel_all = distributed.reduce_per_tensor(raw, numel, len(idx), spec,
+                                                               groups, device, error,
+                                                               error_if_nonfinite)
+            set_norms.append(_engine.per_tensor_norms(raw_all, numel_all, spec))
         parts.append(distributed.reduce_totals(raw, numel, spec, groups, device, error,
                                                error_if_nonfinite))
         if g is not None:
@@ -107,13 +111,16 @@ def _dtensor_norms(tensors, names, spec: NormSpec, error_if_nonfinite: bool, gro
         raise RuntimeError(f"The total norm of order {spec.p} for gradients from `parameters` is "
                            "non-finite, so it cannot be clipped. To disable this error, set "
                            "`error_if_nonfinite=False`")
-    return gathered, None, total
+    return gathered, (set_norms if per_tensor else None), total
 
 
 def _clip_each(g, coef, value: float) -> None:
-    """clip_in_place over one gathered set, a list of them (DTensor sets), or none."""
-    for one in g if isinstance(g, list) else ([] if g is None else [g]):
-        _engine.clip_in_place(one, coef, value)
+    """clip_in_place over one gathered set, a list of them (DTensor sets), or none. ``coef``
+    is one tensor for all, or (per-tensor clipping of DTensor sets) a list, one per set."""
+    sets = g if isinstance(g, list) else ([] if g is None else [g])
+    coefs = coef if isinstance(coef, list) else [coef] * len(sets)
+    for one, c in zip(sets, coefs):
+        _engine.clip_in_place(one, c, value)
 
 
 def get_total_norm(
@@ -349,7 +356,9 @@ def clip_(
     g, norms, total = _norms(grads, names, spec, error_if_nonfinite, group,
                              per_tensor=per_tensor and max_norm is not None)
     coef = None
-    if max_norm is not None:
+    if max_norm is not None and per_tensor and isinstance(norms, list):  # DTensor sets
+        coef = [_clip_coef(max_norm, n) for n in norms]
+    elif max_norm is not None:
         coef = _clip_coef(max_norm, norms if per_tensor else total.reshape(1))
     if coef is not None or value is not None:
         _clip_each(g, coef, value_bound)

@@ -198,12 +198,19 @@ def reduce_per_tensor(raw: RawStats | None, numel: torch.Tensor | None, n: int,
 
 # ---- DTensor gradients (FSDP2 fully_shard, tensor parallel) -----------------------------------
 
-def is_dtensor(t) -> bool:
+def _dtensor_class():
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+        return None
+    return DTensor
+
+
+_DTENSOR = _dtensor_class()
+
+
+def is_dtensor(t) -> bool:
+    return _DTENSOR is not None and isinstance(t, _DTENSOR)
 
 
 def dtensor_local(t) -> torch.Tensor:

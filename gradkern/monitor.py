@@ -147,6 +147,8 @@ class Monitor:
         self._index_cache: dict[tuple, torch.Tensor] = {}
         self._updates: dict[int, torch.Tensor] = {}  # step -> (2, layers): weight^2, update^2
         self._snapshot: tuple[list[int], list[torch.Tensor]] | None = None
+        self._snapshot_buffers: list[torch.Tensor] = []
+        self._snapshot_shapes: list | None = None
         self._pending: list[tuple] = []  # (ready event, host rows, step meta, updates) in flight
         self._hooks = []
         self._wrapped_step = None
@@ -278,8 +280,20 @@ class Monitor:
 
     def _take_snapshot(self) -> None:
         present = [i for i, p in enumerate(self.layers.params) if p.grad is not None]
-        self._snapshot = (present, [_local(self.layers.params[i].detach()).clone()
-                                    for i in present])
+        weights = [_local(self.layers.params[i].detach()) for i in present]
+        if weights and weights[0].device.type == "cpu":
+            # On the CPU a fresh copy of the weights at every log step costs a page fault per
+            # 4 KiB (the allocator hands large blocks back to the OS); keep one buffer instead.
+            # On a GPU the caching allocator already reuses the blocks.
+            shapes = [(w.shape, w.dtype) for w in weights]
+            if self._snapshot_shapes != shapes:
+                self._snapshot_buffers = [torch.empty_like(w) for w in weights]
+                self._snapshot_shapes = shapes
+            torch._foreach_copy_(self._snapshot_buffers, weights)
+            copies = list(self._snapshot_buffers)
+        else:
+            copies = [w.clone() for w in weights]
+        self._snapshot = (present, copies)
 
     def _measure_updates(self) -> None:
         present, before = self._snapshot

@@ -267,6 +267,13 @@ def check_dtensor(rank, world):
             gk.clip_grad_norm_(holders, 1.0)
             for h, r in zip(holders, reference):
                 torch.testing.assert_close(h.grad.full_tensor(), r.grad, rtol=1e-6, atol=1e-7)
+            # per-tensor clipping: each shard scaled by its whole tensor's coefficient
+            holders = [Holder(distribute_tensor(t.clone(), mesh, placements)) for t in full]
+            reference = [Holder(t.clone()) for t in full]
+            gk.clip_(reference, max_norm=0.5, per_tensor=True)
+            gk.clip_(holders, max_norm=0.5, per_tensor=True)
+            for h, r in zip(holders, reference):
+                torch.testing.assert_close(h.grad.full_tensor(), r.grad, rtol=1e-6, atol=1e-7)
 
 
     # Partial: each rank holds a part of the sum; reduced once before the statistics
