@@ -1,4 +1,4 @@
-"""The ``gradkern`` command: ``info`` and ``bench``."""
+"""The ``gradkern`` command: ``demo``, ``report``, ``bench`` and ``info``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gradkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print the build and the backends")
+    demo = sub.add_parser("demo", help="the classic vanishing/exploding cases, diagnosed and "
+                                       "fixed, with an HTML report")
+    demo.add_argument("--out", default="gradkern-demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--quick", action="store_true", help="shorter runs")
+    report = sub.add_parser("report", help="pictures and HTML from a gk.sinks.JSONL file")
+    report.add_argument("jsonl", help="the JSONL file a Monitor wrote")
+    report.add_argument("-o", "--out", default="report.html", help="HTML file (default: %(default)s)")
     bench = sub.add_parser("bench", help="time gradkern against torch's built-ins")
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     bench.add_argument("--quick", action="store_true", help="smaller scenarios, fewer repeats")
@@ -22,6 +29,15 @@ def main(argv: list[str] | None = None) -> int:
 
         print_info()
         return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, quick=args.quick)
+        return 0
+    if args.command == "report":
+        from .report import main_report
+
+        return main_report(args.jsonl, args.out)
     from .bench import run_bench
 
     return run_bench(device=args.device, quick=args.quick, json_path=args.json,

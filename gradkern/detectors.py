@@ -191,23 +191,25 @@ class Vanishing(Detector):
     The gradient RMS of the first ``depth_fraction`` of the layers (input side) is compared
     with that of the last ``depth_fraction`` (output side), as geometric means; the rule fires
     when the ratio stays below ``ratio``. Embedding layers are left out (their gradient lives on
-    the few rows a batch looks up), and so are layers without a gradient this step.
+    the few rows a batch looks up), and so are layers without a gradient this step; networks
+    with fewer than ``min_layers`` such layers are not judged (a 2-layer net's input and output
+    layers differ in scale for reasons other than depth).
     """
 
     kind = "vanishing"
 
     def __init__(self, ratio: float = 0.1, floor: float = 1e-10, patience: int = 20,
-                 depth_fraction: float = 0.25, cooldown: int = 100):
+                 depth_fraction: float = 0.25, min_layers: int = 3, cooldown: int = 100):
         super().__init__(cooldown)
         self.ratio, self.floor, self.patience = float(ratio), float(floor), int(patience)
-        self.depth_fraction = float(depth_fraction)
+        self.depth_fraction, self.min_layers = float(depth_fraction), int(min_layers)
         self._streak = 0
 
     def _check(self, s: StepStats, layers: LayerMap) -> Event | None:
         rms = s.grad_rms
         usable = [i for i in range(len(layers))
                   if s.numel[i] > 0 and not layers.is_embedding[i] and np.isfinite(rms[i])]
-        if len(usable) < 2:
+        if len(usable) < self.min_layers:  # depth decay needs depth
             self._streak = 0
             return None
         k = max(1, int(round(len(usable) * self.depth_fraction)))

@@ -98,13 +98,13 @@ def test_spike_needs_both_factor_and_z(three_layers):
 
 
 def test_vanishing_respects_patience_and_floor(three_layers):
-    d = Vanishing(ratio=0.1, patience=3, floor=1e-10)
+    d = Vanishing(ratio=0.1, patience=3, floor=1e-10, min_layers=2)
     sick = [1e-6, 1.0, 1.0]  # first layer's RMS 1e-3 of the last one's
     assert d.observe(_stats(0, sick), three_layers) == []
     assert d.observe(_stats(1, sick), three_layers) == []
     events = d.observe(_stats(2, sick), three_layers)
     assert [e.kind for e in events] == ["vanishing"] and events[0].layers == ["0"]
-    d = Vanishing(ratio=1e-9, patience=1, floor=1e-3)
+    d = Vanishing(ratio=1e-9, patience=1, floor=1e-3, min_layers=2)
     events = d.observe(_stats(0, [1.0, 1e-12, 1.0]), three_layers)
     assert events and events[0].layers == ["1"]
 
