@@ -32,7 +32,7 @@ from torch import nn
 from . import clippers as C
 from .cases import two_moons
 from .monitor import Monitor
-from .report import Run, _png, events_table, load_jsonl, plt, run_figures, write_html
+from .report import Run, _finish, _png, events_table, load_jsonl, plt, run_figures, write_html
 from .sinks import JSONL
 
 __all__ = ["run_demo"]
@@ -220,14 +220,9 @@ def depth_figure():
         norms = [float(o.grad.norm()) for o in outputs]
         ax.plot(range(1, 21), norms, marker="o", label=f"weight scale {scale}")
         rows.append((scale, norms[0], norms[-1]))
-    ax.set_yscale("log")
-    ax.set_xlabel("layer (1 = input side, 20 = next to the output)")
-    ax.set_ylabel("norm of d loss / d layer output")
-    ax.set_title("20-layer tanh chain: the gradient on its way back to the input")
-    ax.legend()
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    return fig, rows
+    return _finish(fig, ax, "layer (1 = input side, 20 = next to the output)",
+                   "norm of d loss / d layer output",
+                   "20-layer tanh chain: the gradient on its way back to the input", 9), rows
 
 
 # ---- scenario 4: clip by value vs clip by norm ----------------------------------------------

@@ -71,6 +71,18 @@ def _positive(v: float) -> float:
     return v if v > 0 and math.isfinite(v) else float("nan")
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, legend_size: int = 7):
+    """Log y axis, labels, legend, grid: the frame every picture here shares."""
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def layer_norms_figure(run: Run):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     steps = [r["step"] for r in run.steps]
@@ -80,14 +92,8 @@ def layer_norms_figure(run: Run):
         values = [_positive(_float(r["layers"].get(layer, {}).get("grad_norm", "nan")))
                   for r in run.steps]
         ax.plot(steps, values, color=cmap(k), label=layer, linewidth=1.2)
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("gradient L2 norm of the layer")
-    ax.set_title(f"{run.name}: gradient norm per layer (input side dark, output side light)")
-    ax.legend(fontsize=7, ncol=2 if len(layers) > 8 else 1, loc="best")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "optimizer step", "gradient L2 norm of the layer",
+                   f"{run.name}: gradient norm per layer\n(input side dark, output side light)")
 
 
 def gradient_flow_figure(run: Run, at: list[int] | None = None):
@@ -104,16 +110,10 @@ def gradient_flow_figure(run: Run, at: list[int] | None = None):
         line, = ax.plot(x, rms, marker="o", label=f"RMS |g|, step {record['step']}")
         ax.plot(x, mx, marker="^", linestyle="--", color=line.get_color(),
                 label=f"max |g|, step {record['step']}")
-    ax.set_yscale("log")
     ax.set_xticks(x)
     ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=7)
-    ax.set_xlabel("layer (input -> output)")
-    ax.set_ylabel("|gradient| (log scale)")
-    ax.set_title(f"{run.name}: gradient flow across layers")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "layer (input -> output)", "|gradient| (log scale)",
+                   f"{run.name}: gradient flow across layers")
 
 
 def total_norm_figure(run: Run):
@@ -139,14 +139,8 @@ def total_norm_figure(run: Run):
         ax.scatter(skipped, [min(t for t in totals if t == t) if any(t == t for t in totals)
                              else 1.0] * len(skipped), marker="x", color="tab:red",
                    label="skipped step (non-finite)")
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("L2 norm of all gradients")
-    ax.set_title(f"{run.name}: total gradient norm, events marked")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "optimizer step", "L2 norm of all gradients",
+                   f"{run.name}: total gradient norm, events marked")
 
 
 def run_figures(run: Run) -> dict[str, object]:
