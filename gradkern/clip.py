@@ -92,8 +92,9 @@ def _dtensor_norms(tensors, names, spec: NormSpec, error_if_nonfinite: bool, gro
 
     set_norms = []
     work = distributed.reduction_sets(tensors, group)
-    for idx, groups, is_d in work:
-        items = [distributed.dtensor_local(tensors[i]) if is_d else tensors[i] for i in idx]
+    for idx, groups, _ in work:
+        items = [distributed.dtensor_local(tensors[i]) if distributed.is_dtensor(tensors[i])
+                 else tensors[i] for i in idx]
         result, error = local_stats(items, None if names is None else [names[i] for i in idx])
         g, raw, numel = result if result is not None else (None, None, None)
         device = g.device if g is not None else items[0].device

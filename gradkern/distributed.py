@@ -253,20 +253,20 @@ def combine_totals(parts: list[Totals]) -> Totals:
 
 
 def reduction_sets(tensors: list, group) -> list[tuple[list[int], list, bool]]:
-    """Split a gradient list into sets reduced the same way: ``(indices, groups, is_dtensor)``.
+    """Split a gradient list into sets reduced the same way: ``(indices, groups, has_dtensor)``.
 
-    DTensors with the same mesh and placements form one set, reduced over the mesh dimensions
-    that shard them; the plain tensors form one set, reduced over ``group`` (or not at all).
-    The order depends only on the list, so every rank issues the same collectives.
+    Tensors are keyed by the process groups their statistics must be summed over: a DTensor's
+    sharded mesh dimensions (Shard(0) and Shard(1) on the same mesh share one set; replicated
+    dimensions add nothing), a plain tensor's ``group`` (or none). One set is one pair of
+    collectives per group in it, so a call makes as few as its placements allow. The order
+    depends only on the list, so every rank issues the same collectives.
     """
-    sets: dict[tuple, list[int]] = {}
-    plain: list[int] = []
+    sets: dict[tuple, tuple[list[int], list]] = {}
     for i, t in enumerate(tensors):
-        if is_dtensor(t):
-            sets.setdefault(dtensor_key(t), []).append(i)
-        else:
-            plain.append(i)
-    work = [(idx, sharding_groups(tensors[idx[0]]), True) for idx in sets.values()]
-    if plain or not work:
-        work.append((plain, [] if group is None else [group], False))
-    return work
+        groups = sharding_groups(t) if is_dtensor(t) else ([] if group is None else [group])
+        key = tuple(id(g) for g in groups)
+        sets.setdefault(key, ([], groups))[0].append(i)
+    if not sets:
+        return [([], [] if group is None else [group], False)]
+    return [(idx, groups, any(is_dtensor(tensors[i]) for i in idx))
+            for idx, groups in sets.values()]

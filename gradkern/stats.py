@@ -88,8 +88,9 @@ def _grad_stats_across(grads, names, spec, group) -> GradStats:
     work = distributed.reduction_sets(grads, group)
     n = len(grads)
     pieces = []
-    for idx, groups, is_d in work:
-        items = [distributed.dtensor_local(grads[i]) if is_d else grads[i] for i in idx]
+    for idx, groups, _ in work:
+        items = [distributed.dtensor_local(grads[i]) if distributed.is_dtensor(grads[i])
+                 else grads[i] for i in idx]
 
         def local(items=items):
             if not items:

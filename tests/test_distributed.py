@@ -276,6 +276,24 @@ def check_dtensor(rank, world):
                 torch.testing.assert_close(h.grad.full_tensor(), r.grad, rtol=1e-6, atol=1e-7)
 
 
+    # Shard(0) and Shard(1) on one mesh share one packed reduction
+    mesh = meshes[0]
+    mixed = [distribute_tensor(t.clone(), mesh, [Shard(i % 2)]) for i, t in enumerate(full)]
+    calls = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        got = gk.get_total_norm(mixed)
+    finally:
+        dist.all_reduce = original
+    torch.testing.assert_close(got, want_norm[2.0], rtol=2e-6, atol=0)
+    assert len(calls) == 2
+
     # Partial: each rank holds a part of the sum; reduced once before the statistics
     from torch.distributed.tensor import DTensor, Partial
 
