@@ -370,10 +370,11 @@ class Monitor:
                             maxes)
         reduced = torch.stack([sq.reshape(shape), maxes, nonfinite.reshape(shape),
                                zeros.reshape(shape)], dim=2)
-        numel = numel.reshape(shape).to(torch.int64).cpu().numpy()
-        meta = [(step, skipped, numel[k]) for k, (step, skipped, _) in enumerate(meta)]
         update_sq = update_sq.reshape(len(steps), 2, n_layers)
-        return reduced, meta, dict(zip(steps, update_sq)), flags.reshape(count, self._world)
+        # per step: which ranks held non-finite values, then the whole layers' element counts;
+        # it stays on the device and travels with the rows (no host sync here)
+        extra = torch.cat([flags.reshape(count, self._world), numel.reshape(shape)], dim=1)
+        return reduced, meta, dict(zip(steps, update_sq)), extra
 
     def _drain(self, block: bool = True) -> None:
         """Process the copies that have arrived (all of them when ``block``)."""
@@ -397,8 +398,9 @@ class Monitor:
         for k, ((step, skipped, numel), row) in enumerate(zip(meta, rows)):
             s = StepStats(step=step, grad_sq=row[:, 0], grad_max=row[:, 1], nonfinite=row[:, 2],
                           zeros=row[:, 3], numel=numel.astype(np.float64), skipped=skipped)
-            if rank_flags is not None:
-                s.nonfinite_ranks = [int(r) for r in np.flatnonzero(rank_flags[k])]
+            if rank_flags is not None:  # reduced across the group: flags, then element counts
+                s.nonfinite_ranks = [int(r) for r in np.flatnonzero(rank_flags[k, :self._world])]
+                s.numel = rank_flags[k, self._world:].copy()
             if step in updates:
                 w_sq, d_sq = updates[step].numpy()
                 s.weight_norm = np.sqrt(w_sq)

@@ -4,6 +4,7 @@ Each test spawns its ranks once and runs a batch of checks in them (spawning cos
 a failed assertion in any rank fails the test.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -61,6 +62,23 @@ def my_shards(full, rank, world):
 class Holder:
     def __init__(self, grad):
         self.grad = grad
+
+
+@contextlib.contextmanager
+def counted_all_reduce():
+    """Yields a list that receives the element count of every all_reduce made inside."""
+    calls = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = original
 
 
 # ---- workers ---------------------------------------------------------------------------------
@@ -144,15 +162,7 @@ def check_errors_reach_every_rank(rank, world):
 
 def check_two_collectives_per_call(rank, world):
     group = dist.group.WORLD
-    calls = []
-    original = dist.all_reduce
-
-    def counting(tensor, *args, **kwargs):
-        calls.append(tensor.numel())
-        return original(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
+    with counted_all_reduce() as calls:
         many = [torch.randn(4) for _ in range(1000)]
         gk.get_total_norm(many, group=group)
         assert len(calls) == 2 and max(calls) <= 6  # fixed-size message, whatever the count
@@ -162,8 +172,6 @@ def check_two_collectives_per_call(rank, world):
         calls.clear()
         gk.grad_stats([Holder(t) for t in many], group=group)
         assert len(calls) == 2 and max(calls) == 5 * 1000 + 1  # one packed message
-    finally:
-        dist.all_reduce = original
 
 
 class ShardedNet(nn.Module):
@@ -279,18 +287,8 @@ def check_dtensor(rank, world):
     # Shard(0) and Shard(1) on one mesh share one packed reduction
     mesh = meshes[0]
     mixed = [distribute_tensor(t.clone(), mesh, [Shard(i % 2)]) for i, t in enumerate(full)]
-    calls = []
-    original = dist.all_reduce
-
-    def counting(tensor, *args, **kwargs):
-        calls.append(tensor.numel())
-        return original(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
+    with counted_all_reduce() as calls:
         got = gk.get_total_norm(mixed)
-    finally:
-        dist.all_reduce = original
     torch.testing.assert_close(got, want_norm[2.0], rtol=2e-6, atol=0)
     assert len(calls) == 2
 
