@@ -35,6 +35,7 @@ class StepStats:
     weight_norm: np.ndarray | None = None  # on log steps with update tracking
     update_ratio: np.ndarray | None = None  # ||w_after - w_before|| / ||w_before||
     nonfinite_ranks: list[int] | None = None  # with a process group: ranks that held NaN/inf
+    log2_histogram: np.ndarray | None = None  # (layers, bins): counts of log2|g|, log steps
 
     @property
     def total_norm(self) -> float:

@@ -29,6 +29,10 @@ from .sinks import Sink, as_sink
 __all__ = ["Monitor"]
 
 _FIELDS = 4  # grad_sq, grad_max, nonfinite, zeros
+# Histograms of log2|g| (log steps, when a sink asks for them): one bin per power of two over
+# the whole fp32 range; fp64 values beyond it land in the end bins.
+HIST_MIN, HIST_MAX = -150, 130
+HIST_BINS = HIST_MAX - HIST_MIN
 _L2 = parse_norm_type(2.0)
 
 
@@ -146,6 +150,8 @@ class Monitor:
         self._ring_skipped: list[bool] = []
         self._index_cache: dict[tuple, torch.Tensor] = {}
         self._updates: dict[int, torch.Tensor] = {}  # step -> (2, layers): weight^2, update^2
+        self._want_histograms = any(getattr(s, "histograms", False) for s in self.sinks)
+        self._histograms: dict[int, torch.Tensor] = {}  # step -> (layers, HIST_BINS) counts
         self._snapshot: tuple[list[int], list[torch.Tensor]] | None = None
         self._snapshot_buffers: list[torch.Tensor] = []
         self._snapshot_shapes: list | None = None
@@ -250,6 +256,8 @@ class Monitor:
         np.add.at(self._ring_numel[slot], self._param_layer[present],
                   np.fromiter(map(torch.Tensor.numel, local_grads), np.int64, len(present)))
 
+        if self._want_histograms and slot == self.log_every - 1:
+            self._histograms[self.steps] = self._log2_histograms(local_grads, index)
         bad = row[:, 2].sum()
         if self.skip_nonfinite and self.group is not None:
             dist.all_reduce(bad, group=self.group)  # every rank skips, or none does
@@ -262,6 +270,19 @@ class Monitor:
         if self.clipper is not None:
             self.clipper._clip(_Grads(params, g, raw, numel, self.group))
         return False
+
+    def _log2_histograms(self, grads: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        """Counts of log2|g| per layer, one bin per power of two (zeros and NaN/inf left out:
+        the zero and non-finite counts already say how many there are). An extra read pass,
+        taken only on log steps and only when a sink wants histograms."""
+        out = torch.zeros(len(self.layers), HIST_BINS, dtype=torch.float64, device=index.device)
+        for k, g in enumerate(grads):
+            a = g.detach().reshape(-1).abs().float()
+            a = a[(a > 0) & a.isfinite()]
+            exponent = a.log2().clamp_(HIST_MIN, HIST_MAX - 0.5)
+            counts = torch.histc(exponent, bins=HIST_BINS, min=HIST_MIN, max=HIST_MAX)
+            out[index[k]] += counts.to(torch.float64)
+        return out
 
     def _layer_index(self, present: tuple, device: torch.device) -> torch.Tensor:
         key = (present, device)
@@ -319,6 +340,11 @@ class Monitor:
         meta = [(self._ring_steps[i], self._ring_skipped[i], self._ring_numel[i].copy())
                 for i in range(count)]
         updates = {s: self._updates.pop(s) for s, _, _ in meta if s in self._updates}
+        histograms = {s: self._histograms.pop(s) for s, _, _ in meta if s in self._histograms}
+        if self.group is not None and histograms:  # counts add up across ranks
+            stacked = torch.stack([histograms[s] for s in sorted(histograms)])
+            dist.all_reduce(stacked, group=self.group)
+            histograms = dict(zip(sorted(histograms), stacked))
         rows = None if self._ring is None else self._ring[:count]
         rank_flags = None
         if self.group is not None and rows is not None:
@@ -331,6 +357,7 @@ class Monitor:
                                pin_memory=True)
             host.copy_(rows, non_blocking=True)
             update_host = {s: u.to("cpu", non_blocking=True) for s, u in updates.items()}
+            histograms = {s: h.to("cpu", non_blocking=True) for s, h in histograms.items()}
             if rank_flags is not None:
                 rank_flags = rank_flags.to("cpu", non_blocking=True)
             ready = torch.cuda.Event()
@@ -341,7 +368,7 @@ class Monitor:
             host, ready = rows.clone(), None
             update_host = updates
         self._ring_steps, self._ring_skipped = [], []
-        self._pending.append((ready, host, meta, update_host, rank_flags))
+        self._pending.append((ready, host, meta, update_host, rank_flags, histograms))
         self._drain(block=False)
 
     def _reduce_across_ranks(self, rows: torch.Tensor, meta: list, updates: dict):
@@ -379,14 +406,14 @@ class Monitor:
     def _drain(self, block: bool = True) -> None:
         """Process the copies that have arrived (all of them when ``block``)."""
         while self._pending:
-            ready, host, meta, updates, rank_flags = self._pending[0]
+            ready, host, meta, updates, rank_flags, histograms = self._pending[0]
             if ready is not None and not ready.query():
                 if not block and len(self._pending) == 1:
                     return  # still in flight: handled at the next log step
                 ready.synchronize()
             self._pending.pop(0)
             flags = None if rank_flags is None else rank_flags.numpy()
-            self._process(host.numpy(), meta, updates, flags)
+            self._process(host.numpy(), meta, updates, flags, histograms)
         for sink in self._sinks_here():
             sink.flush()
 
@@ -394,13 +421,15 @@ class Monitor:
         return self.sinks if self._rank == 0 else []
 
     def _process(self, rows: np.ndarray, meta: list, updates: dict,
-                 rank_flags: np.ndarray | None = None) -> None:
+                 rank_flags: np.ndarray | None = None, histograms: dict | None = None) -> None:
         for k, ((step, skipped, numel), row) in enumerate(zip(meta, rows)):
             s = StepStats(step=step, grad_sq=row[:, 0], grad_max=row[:, 1], nonfinite=row[:, 2],
                           zeros=row[:, 3], numel=numel.astype(np.float64), skipped=skipped)
             if rank_flags is not None:  # reduced across the group: flags, then element counts
                 s.nonfinite_ranks = [int(r) for r in np.flatnonzero(rank_flags[k, :self._world])]
                 s.numel = rank_flags[k, self._world:].copy()
+            if histograms and step in histograms:
+                s.log2_histogram = histograms[step].numpy()
             if step in updates:
                 w_sq, d_sq = updates[step].numpy()
                 s.weight_norm = np.sqrt(w_sq)
@@ -430,6 +459,11 @@ class Monitor:
                 entry["weight_norm"] = float(s.weight_norm[i])
                 entry["update_ratio"] = float(s.update_ratio[i])
             layers[name] = entry
-        return {"type": "step", "step": s.step, "total_norm": s.total_norm,
-                "skipped": s.skipped, "layers": layers}
+            if s.log2_histogram is not None:
+                entry["log2_hist"] = s.log2_histogram[i].astype(int).tolist()
+        record = {"type": "step", "step": s.step, "total_norm": s.total_norm,
+                  "skipped": s.skipped, "layers": layers}
+        if s.log2_histogram is not None:
+            record["log2_hist_range"] = [HIST_MIN, HIST_MAX]
+        return record
 

@@ -75,7 +75,10 @@ class TensorBoard(Sink):
     Args:
         writer_or_logdir: a ``torch.utils.tensorboard.SummaryWriter`` or a log directory
             (then one is created, which needs the optional ``tensorboard`` package).
-        histograms: also log a histogram of log2 of each layer's gradient norm. Default False.
+        histograms: also log, on log steps, each layer's histogram of log2|g| over its
+            gradient elements (one bin per power of two; the Monitor computes it on the device
+            when a sink asks for it, at the cost of one more read pass on log steps).
+            Default False.
     """
 
     _SCALARS = ("grad_norm", "grad_rms", "grad_max", "zero_fraction", "weight_norm",
@@ -105,13 +108,23 @@ class TensorBoard(Sink):
             for key in self._SCALARS:
                 if stats.get(key) is not None:
                     self.writer.add_scalar(f"{key}/{layer}", stats[key], step)
-        if self.histograms:
-            import numpy as np
-
-            norms = np.array([s["grad_norm"] for s in record["layers"].values()])
-            finite = norms[np.isfinite(norms) & (norms > 0)]
-            if finite.size:
-                self.writer.add_histogram("gradkern/log2_grad_norm", np.log2(finite), step)
+        if self.histograms and "log2_hist_range" in record:
+            low, high = record["log2_hist_range"]
+            edges = [float(e) for e in range(low + 1, high + 1)]  # right edge of each bin
+            for layer, stats in record["layers"].items():
+                counts = stats.get("log2_hist")
+                if not counts or not sum(counts):
+                    continue
+                centres = [low + k + 0.5 for k in range(len(counts))]
+                total = float(sum(counts))
+                first = next(k for k, c in enumerate(counts) if c)
+                last = max(k for k, c in enumerate(counts) if c)
+                self.writer.add_histogram_raw(
+                    f"log2_abs_grad/{layer}", min=low + first, max=low + last + 1, num=total,
+                    sum=sum(c * x for c, x in zip(counts, centres)),
+                    sum_squares=sum(c * x * x for c, x in zip(counts, centres)),
+                    bucket_limits=edges, bucket_counts=[float(c) for c in counts],
+                    global_step=step)
 
     def flush(self) -> None:
         self.writer.flush()

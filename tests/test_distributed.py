@@ -5,6 +5,7 @@ a failed assertion in any rank fails the test.
 """
 
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -39,6 +40,10 @@ def _entry(rank, world, port, worker, args):
                             world_size=world)
     try:
         worker(rank, world, *args)
+        # Every rank finishes its collectives before any tears the group down: destroying a
+        # gloo group while a peer still has work in flight aborts the process.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """gk.Monitor: what it records (against plain torch), hooks, skipping, sinks, accumulation."""
 
+import builtins
 import json
 import os
 import signal
@@ -260,8 +261,11 @@ class FakeWriter:
     def add_text(self, tag, text, step):
         self.texts.append((tag, text, step))
 
-    def add_histogram(self, tag, values, step):
-        self.histograms.append((tag, step))
+    def add_histogram_raw(self, tag, min, max, num, sum, sum_squares, bucket_limits,
+                          bucket_counts, global_step):
+        assert len(bucket_limits) == len(bucket_counts)
+        assert num == builtins.sum(bucket_counts)
+        self.histograms.append((tag, global_step, bucket_counts))
 
     def flush(self):
         self.flushes += 1
@@ -274,4 +278,26 @@ def test_tensorboard_sink_writes_scalars_events_and_histograms():
     tags = {t for t, _, _ in writer.scalars}
     assert {"gradkern/total_norm", "grad_norm/0", "grad_norm/2", "zero_fraction/0"} <= tags
     assert any(t == "gradkern/exploding" for t, _, _ in writer.texts)
-    assert writer.histograms and writer.flushes >= 2
+    assert writer.flushes >= 2
+    assert {t for t, _, _ in writer.histograms} == {"log2_abs_grad/0", "log2_abs_grad/2"}
+    # log steps are 2 and 5; by step 5 every gradient is NaN/inf, which histograms leave out
+    assert {s for _, s, _ in writer.histograms} == {2}
+
+
+def test_log2_histograms_count_every_finite_nonzero_element():
+    model = mlp()
+    records = []
+    mon = gk.Monitor(model, log_every=1, detectors=None, sinks=[records.append])
+    mon.sinks[0].histograms = True
+    mon._want_histograms = True
+    backward(model)
+    next(model.parameters()).grad[0, :3] = torch.tensor([0.0, 3.0, 0.25])
+    expected = {"0": torch.cat([model[0].weight.grad.reshape(-1), model[0].bias.grad])}
+    mon.step()
+    mon.close()
+    hist = records[0]["layers"]["0"]["log2_hist"]
+    low, high = records[0]["log2_hist_range"]
+    g = expected["0"]
+    nonzero = g[g != 0].abs()
+    assert sum(hist) == nonzero.numel()
+    assert hist[int(torch.floor(torch.log2(torch.tensor(3.0)))) - low] >= 1
