@@ -48,14 +48,7 @@ def _norms(
             raise _nonfinite_error(g, raw, spec)
         return g, _engine.per_tensor_norms(raw, numel, spec), total
 
-    def local():
-        if not tensors:
-            return None, None, None
-        g = _engine.gather(tensors, names)
-        return (g, *_engine.tensor_stats(g, spec))
-
-    result, error = distributed.run_local(local)
-    g, raw, numel = result if result is not None else (None, None, None)
+    g, raw, numel, error = distributed.local_stats(tensors, names, spec)
     device = distributed.collective_device(group, None if g is None else g.device)
     if per_tensor:
         raw_all, numel_all = distributed.reduce_per_tensor(raw, numel, len(tensors), spec, group,
@@ -82,21 +75,13 @@ def _dtensor_norms(tensors, names, spec: NormSpec, error_if_nonfinite: bool, gro
     with the same mesh and placements is reduced over the mesh dimensions that shard it;
     plain tensors over ``group`` (or not at all). Returns a list of gathered local shards (one
     per set) and, with ``per_tensor``, a list of whole-tensor norms (one tensor per set)."""
-    parts, gathered = [], []
-
-    def local_stats(items, item_names):
-        def run():
-            g = _engine.gather(items, item_names)
-            return (g, *_engine.tensor_stats(g, spec))
-        return distributed.run_local(run)
-
-    set_norms = []
+    parts, gathered, set_norms = [], [], []
     work = distributed.reduction_sets(tensors, group)
     for idx, groups, _ in work:
         items = [distributed.dtensor_local(tensors[i]) if distributed.is_dtensor(tensors[i])
                  else tensors[i] for i in idx]
-        result, error = local_stats(items, None if names is None else [names[i] for i in idx])
-        g, raw, numel = result if result is not None else (None, None, None)
+        g, raw, numel, error = distributed.local_stats(
+            items, None if names is None else [names[i] for i in idx], spec)
         device = g.device if g is not None else items[0].device
         if per_tensor:  # whole-tensor norms of this set, entry-wise over its sharding groups
             raw_all, numel_all = distributed.reduce_per_tensor(raw, numel, len(idx), spec,

@@ -55,14 +55,7 @@ class _Grads:
             g = _engine.gather([p.grad for p in params], names)
             return cls(params, g, *_engine.tensor_stats(g, _L2))
 
-        def local():
-            if not params:
-                return None, None, None
-            g = _engine.gather([p.grad for p in params], names)
-            return (g, *_engine.tensor_stats(g, _L2))
-
-        result, error = distributed.run_local(local)
-        g, raw, numel = result if result is not None else (None, None, None)
+        g, raw, numel, error = distributed.local_stats([p.grad for p in params], names, _L2)
         return cls(params, g, raw, numel, group, error)
 
     @property

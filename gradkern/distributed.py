@@ -27,9 +27,7 @@ Example (two processes with a gloo group, each holding half of the gradients)::
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,22 +35,28 @@ import torch.distributed as dist
 from ._norm_spec import NormKind, NormSpec
 from .backends import RawStats
 
-__all__ = ["Totals", "reduce_totals", "reduce_per_tensor", "run_local", "collective_device",
+__all__ = ["Totals", "reduce_totals", "reduce_per_tensor", "local_stats", "collective_device",
            "RemoteError"]
-
-T = TypeVar("T")
-
 
 class RemoteError(RuntimeError):
     """Another rank of the group raised; this rank raises too instead of waiting forever."""
 
 
-def run_local(fn: Callable[[], T]) -> tuple[T | None, BaseException | None]:
-    """Run the local part of a collective call; an exception is kept for after the collectives."""
+def local_stats(tensors: list[torch.Tensor], names, spec: NormSpec):
+    """This rank's part of a collective call: ``(gathered, raw, numel, error)``.
+
+    Gathered/raw/numel are None when the rank holds no tensors or the local work raised; the
+    exception is kept, not raised, so that the rank still joins the collectives (see finish()).
+    """
+    if not tensors:
+        return None, None, None, None
     try:
-        return fn(), None
+        from . import _engine
+
+        g = _engine.gather(tensors, names)
+        return (g, *_engine.tensor_stats(g, spec), None)
     except Exception as exc:  # re-raised by finish() once every rank has joined
-        return None, exc
+        return None, None, None, exc
 
 
 def collective_device(group, hint: torch.device | None = None) -> torch.device:

@@ -52,12 +52,6 @@ def load_jsonl(path: str, name: str | None = None) -> Run:
     return Run(name or os.path.splitext(os.path.basename(path))[0], steps, events)
 
 
-def _float(v) -> float:
-    if isinstance(v, str):  # the JSONL sink writes NaN/inf as strings
-        return float(v)
-    return float(v)
-
-
 def _layers(run: Run) -> list[str]:
     names: list[str] = []
     for record in run.steps:
@@ -67,7 +61,9 @@ def _layers(run: Run) -> list[str]:
     return names
 
 
-def _positive(v: float) -> float:
+def _positive(v) -> float:
+    """A value for a log axis; float() also reads the "nan"/"inf" strings the JSONL sink writes."""
+    v = float(v)
     return v if v > 0 and math.isfinite(v) else float("nan")
 
 
@@ -89,7 +85,7 @@ def layer_norms_figure(run: Run):
     layers = _layers(run)
     cmap = plt.get_cmap("viridis", max(len(layers), 2))
     for k, layer in enumerate(layers):
-        values = [_positive(_float(r["layers"].get(layer, {}).get("grad_norm", "nan")))
+        values = [_positive(float(r["layers"].get(layer, {}).get("grad_norm", "nan")))
                   for r in run.steps]
         ax.plot(steps, values, color=cmap(k), label=layer, linewidth=1.2)
     return _finish(fig, ax, "optimizer step", "gradient L2 norm of the layer",
@@ -105,8 +101,8 @@ def gradient_flow_figure(run: Run, at: list[int] | None = None):
     x = list(range(len(layers)))
     for k in at:
         record = run.steps[k]
-        rms = [_positive(_float(record["layers"].get(l, {}).get("grad_rms", "nan"))) for l in layers]
-        mx = [_positive(_float(record["layers"].get(l, {}).get("grad_max", "nan"))) for l in layers]
+        rms = [_positive(float(record["layers"].get(l, {}).get("grad_rms", "nan"))) for l in layers]
+        mx = [_positive(float(record["layers"].get(l, {}).get("grad_max", "nan"))) for l in layers]
         line, = ax.plot(x, rms, marker="o", label=f"RMS |g|, step {record['step']}")
         ax.plot(x, mx, marker="^", linestyle="--", color=line.get_color(),
                 label=f"max |g|, step {record['step']}")
@@ -119,7 +115,7 @@ def gradient_flow_figure(run: Run, at: list[int] | None = None):
 def total_norm_figure(run: Run):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     steps = [r["step"] for r in run.steps]
-    totals = [_positive(_float(r["total_norm"])) for r in run.steps]
+    totals = [_positive(float(r["total_norm"])) for r in run.steps]
     ax.plot(steps, totals, color="black", linewidth=1.2, label="total gradient norm")
     skipped = [r["step"] for r in run.steps if r.get("skipped")]
     if run.clip_threshold is not None:

@@ -70,7 +70,12 @@ def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0, *, group=Non
         return GradStats(names, empty_f, empty_f, empty_i, empty_i, empty_i, torch.tensor(0.0))
     g = _engine.gather(grads, names)
     raw, numel = _engine.tensor_stats(g, spec)
-    out_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+    return _from_raw(names, raw, numel, spec, g.dtype == torch.float64)
+
+
+def _from_raw(names, raw: RawStats, numel: torch.Tensor, spec, has_fp64: bool) -> GradStats:
+    """GradStats from per-tensor statistics: norms in fp32, fp64 when a gradient is fp64."""
+    out_dtype = torch.float64 if has_fp64 else torch.float32
     return GradStats(
         names=names,
         norm=_engine.per_tensor_norms(raw, numel, spec).to(out_dtype),
@@ -91,15 +96,7 @@ def _grad_stats_across(grads, names, spec, group) -> GradStats:
     for idx, groups, _ in work:
         items = [distributed.dtensor_local(grads[i]) if distributed.is_dtensor(grads[i])
                  else grads[i] for i in idx]
-
-        def local(items=items):
-            if not items:
-                return None, None, None
-            g = _engine.gather(items, None)
-            return (g, *_engine.tensor_stats(g, spec))
-
-        result, error = distributed.run_local(local)
-        g, raw, numel = result if result is not None else (None, None, None)
+        g, raw, numel, error = distributed.local_stats(items, None, spec)
         if g is not None:
             device = g.device
         elif group is not None:
@@ -119,17 +116,8 @@ def _grad_stats_across(grads, names, spec, group) -> GradStats:
         for k in full:
             full[k][index] = getattr(raw, k).to(device)
         full_numel[index] = numel.to(device)
-    raw = RawStats(**full)
-    out_dtype = torch.float64 if any(d == torch.float64 for *_, d in pieces) else torch.float32
-    return GradStats(
-        names=names,
-        norm=_engine.per_tensor_norms(raw, full_numel, spec).to(out_dtype),
-        max_abs=raw.max_abs.to(out_dtype),
-        nonfinite=raw.nonfinite,
-        zeros=raw.zeros,
-        numel=full_numel,
-        total_norm=_engine.total_norm(raw, full_numel, spec).to(out_dtype),
-    )
+    has_fp64 = any(d == torch.float64 for *_, d in pieces)
+    return _from_raw(names, RawStats(**full), full_numel, spec, has_fp64)
 
 
 @torch.no_grad()

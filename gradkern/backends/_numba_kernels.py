@@ -33,37 +33,25 @@ def _as_pointer(typingctx, address):
     return types.voidptr(address), codegen
 
 
-@intrinsic
-def _f32_bits(typingctx, value):
-    if value != types.float32:
-        return None
+def _bitcast(source, target, llvm_target):
+    """An intrinsic that reinterprets a ``source`` value's bits as ``target`` (same width)."""
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
+    @intrinsic
+    def cast(typingctx, value):
+        if value != source:
+            return None
 
-    return types.uint32(value), codegen
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], llvm_target)
 
+        return target(value), codegen
 
-@intrinsic
-def _bits_f32(typingctx, bits):
-    if bits != types.uint32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(bits), codegen
+    return cast
 
 
-@intrinsic
-def _bits_f64(typingctx, bits):
-    if bits != types.uint64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(bits), codegen
+_f32_bits = _bitcast(types.float32, types.uint32, ir.IntType(32))
+_bits_f32 = _bitcast(types.uint32, types.float32, ir.FloatType())
+_bits_f64 = _bitcast(types.uint64, types.float64, ir.DoubleType())
 
 
 def _half_to_float_table() -> np.ndarray:
