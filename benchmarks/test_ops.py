@@ -1,4 +1,5 @@
-"""Run with: pytest benchmarks --benchmark-only (groups compare implementations per op)."""
+"""Run with: pytest benchmarks --benchmark-only [--gk-device cuda] (groups compare
+implementations per op)."""
 
 import pytest
 import torch
@@ -24,8 +25,8 @@ OPS = {
 
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("scenario", ["many_small", "large"])
-def test_op(benchmark, impl, op, scenario, request):
+def test_op(benchmark, impl, run, op, scenario, request):
     params = request.getfixturevalue(scenario)
     torch_fn, gk_fn, args = OPS[op]
     benchmark.group = f"{op} / {scenario}"
-    benchmark(torch_fn if impl == "torch-builtin" else gk_fn, params, *args)
+    benchmark(run, torch_fn if impl == "torch-builtin" else gk_fn, params, *args)

@@ -1,8 +1,11 @@
 """``gradkern bench``: gradkern against torch's built-ins, side by side in one run.
 
-Each row times torch and gradkern on the same gradients in the same process (best of N). The
-read bandwidth is measured in the same run as one read pass (a sum) over a flat buffer of the
-same size, so "% of read BW" says how close a pass comes to the machine's limit.
+Each row times torch and gradkern on the same gradients in the same process (best of N, wall
+time including Python, the device synchronised before and after). The machine's limit is
+measured in the same run on a flat buffer of the same size (at most 4 GiB): on the CPU one read
+pass (a sum), on a GPU also a device-to-device copy, counted as bytes read plus bytes written.
+The "limit" column is a row's bytes read per second as a share of that: read bandwidth on the
+CPU, copy bandwidth on a GPU.
 """
 
 from __future__ import annotations
@@ -56,6 +59,24 @@ def best_times(fns: list[Callable[[], object]], repeats: int, device: str,
     return best
 
 
+_LIMIT_BUFFER_BYTES = 4 << 30
+
+
+def measure_limits(nbytes: int, repeats: int, device: str) -> tuple[float, float | None]:
+    """(read bandwidth, copy bandwidth or None on the CPU) in bytes/s, on a flat fp32 buffer of
+    ``nbytes`` (capped at 4 GiB: both saturate long before)."""
+    flat = torch.ones(max(min(nbytes, _LIMIT_BUFFER_BYTES) // 4, 1), device=device)
+    size = flat.numel() * 4
+    read_bw = size / best_time(flat.sum, repeats, device)
+    copy_bw = None
+    if device.startswith("cuda"):
+        dst = torch.empty_like(flat)
+        copy_bw = 2 * size / best_time(lambda: dst.copy_(flat), repeats, device)
+        del dst
+    del flat
+    return read_bw, copy_bw
+
+
 def _per_tensor_torch_stats(grads):
     return [(torch.linalg.vector_norm(g), g.abs().amax(), (~g.isfinite()).sum(), (g == 0).sum())
             for g in grads]
@@ -67,24 +88,33 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
     rows: list[dict] = []
     previous = set_backend(backend) if backend else None
 
-    def row(op, scenario, t_torch, t_gk, nbytes, read_bw, note=""):
+    limits: dict[str, dict] = {}
+    on_gpu = device.startswith("cuda")
+
+    def row(op, scenario, t_torch, t_gk, nbytes, note=""):
+        limit = limits[scenario]["copy_bw" if on_gpu else "read_bw"]
         r = dict(op=op, scenario=scenario, torch_ms=t_torch * 1e3, gradkern_ms=t_gk * 1e3,
                  speedup=t_torch / t_gk, gbps=nbytes / t_gk / 1e9,
-                 read_bw_share=(nbytes / t_gk) / read_bw if read_bw else None, note=note)
+                 limit_share=(nbytes / t_gk) / limit, note=note)
         rows.append(r)
         _print_row(r)
 
-    print(f"gradkern bench on {device}, best of {repeats} (torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch threads)")
+    threads = "" if on_gpu else f", {torch.get_num_threads()} torch threads"
+    print(f"gradkern bench on {device} ({_device_name(device)}), best of {repeats} "
+          f"(torch {torch.__version__}{threads})")
     print(f"{'op':34s} {'scenario':34s} {'torch ms':>9s} {'gk ms':>9s} {'speed-up':>8s} "
-          f"{'GB/s':>7s} {'read BW':>7s}")
-    for name, spec in scenarios(quick).items():
+          f"{'GB/s':>7s} {'limit':>7s}")
+    print("limit: bytes read per second as a share of the "
+          + ("device-to-device copy bandwidth (read + write) measured in this run" if on_gpu
+             else "read bandwidth (one sum pass) measured in this run"))
+    for name, spec in scenarios(quick, device).items():
         params = make_grads(spec, device)
         grads = [p.grad for p in params]
         nbytes = sum(g.numel() * g.element_size() for g in grads)
-        flat = torch.ones(nbytes // 4, device=device)
-        read_bw = nbytes / best_time(flat.sum, repeats, device)
-        del flat
+        read_bw, copy_bw = measure_limits(nbytes, repeats, device)
+        limits[name] = dict(read_bw=read_bw, copy_bw=copy_bw)
+        print(f"  {name}: {nbytes / 1e9:.2f} GB in {len(grads)} tensors; read pass "
+              f"{read_bw / 1e9:.1f} GB/s" + (f", copy {copy_bw / 1e9:.1f} GB/s" if copy_bw else ""))
         saved = [g.clone() for g in grads]
 
         def restore():
@@ -93,39 +123,40 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
 
         t_t, t_g = best_times([lambda: torch_get_total_norm(grads),
                                lambda: clip.get_total_norm(grads)], repeats, device)
-        row("total norm", name, t_t, t_g, nbytes, read_bw)
+        row("total norm", name, t_t, t_g, nbytes)
         t_t, t_g = best_times([lambda: torch_clip_grad_norm_(params, 1e30),
                                lambda: clip.clip_grad_norm_(params, 1e30)], repeats, device)
-        row("clip_grad_norm_, no clipping", name, t_t, t_g, nbytes, read_bw)
+        row("clip_grad_norm_, no clipping", name, t_t, t_g, nbytes)
         t_t, t_g = best_times([lambda: torch_clip_grad_norm_(params, 1.0),
                                lambda: clip.clip_grad_norm_(params, 1.0)], repeats, device,
                               restore)
-        row("clip_grad_norm_, clipping", name, t_t, t_g, nbytes, read_bw)
+        row("clip_grad_norm_, clipping", name, t_t, t_g, nbytes)
         # |N(0,1)| > 2.6 for ~0.93% of values
         t_t, t_g = best_times([lambda: torch_clip_grad_value_(params, 2.6),
                                lambda: clip.clip_grad_value_(params, 2.6)], repeats, device,
                               restore)
-        row("clip_grad_value_, <1% clamped", name, t_t, t_g, nbytes, read_bw)
+        row("clip_grad_value_, <1% clamped", name, t_t, t_g, nbytes)
         # Both sides start from the parameters, so both pay for reading every .grad.
         t_norm, t_stats = best_times([lambda: clip.get_total_norm([p.grad for p in params]),
                                       lambda: stats.grad_stats(params)], repeats, device)
-        row("grad_stats vs gradkern total norm", name, t_norm, t_stats, nbytes, read_bw,
+        row("grad_stats vs gradkern total norm", name, t_norm, t_stats, nbytes,
             "speed-up < 1: the cost of the extra statistics")
         if len(grads) <= 200 or not quick:
             t_t = best_time(lambda: _per_tensor_torch_stats(grads), repeats, device)
-            row("grad_stats vs per-tensor torch", name, t_t, t_stats, nbytes, read_bw)
-        if name.startswith("huge") and backends()["numba"].usable and device == "cpu":
-            def with_numba():
-                before = set_backend("numba")
+            row("grad_stats vs per-tensor torch", name, t_t, t_stats, nbytes)
+        fallback = "numba_cuda" if on_gpu else "numba"
+        if name.startswith("huge") and backends()[fallback].usable and backend is None:
+            def with_fallback():
+                before = set_backend(fallback)
                 try:
                     clip.get_total_norm(grads)
                 finally:
                     set_backend(before)
 
-            t_numba, t_norm = best_times([with_numba, lambda: clip.get_total_norm(grads)],
-                                         repeats, device)
-            row("total norm: numba vs gradkern", name, t_numba, t_norm, nbytes, read_bw,
-                "torch column = numba; speed-up = numba time / C++ time")
+            t_fallback, t_norm = best_times([with_fallback, lambda: clip.get_total_norm(grads)],
+                                            repeats, device)
+            row(f"total norm: {fallback} vs gradkern", name, t_fallback, t_norm, nbytes,
+                f"torch column = {fallback}; speed-up = {fallback} time / compiled time")
         del params, grads, saved
     print()
     monitor_rows = monitor_overhead(device, steps=12 if quick else 40)
@@ -135,8 +166,10 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"device": _device_name(device), "quick": quick, "build": build_report(),
+                       "torch": torch.__version__, "cuda": torch.version.cuda,
                        "command": f"gradkern bench --device {device}" + (" --quick" if quick else ""),
-                       "rows": rows, "monitor_rows": monitor_rows}, f, indent=2, default=str)
+                       "limits_bytes_per_s": limits, "rows": rows,
+                       "monitor_rows": monitor_rows}, f, indent=2, default=str)
         print(f"wrote {json_path}")
     return 0
 
@@ -150,6 +183,6 @@ def _device_name(device: str) -> str:
 
 
 def _print_row(r: dict) -> None:
-    share = "" if r["read_bw_share"] is None else f"{100 * r['read_bw_share']:6.0f}%"
+    share = f"{100 * r['limit_share']:6.0f}%"
     print(f"{r['op']:34s} {r['scenario']:34s} {r['torch_ms']:9.2f} {r['gradkern_ms']:9.2f} "
           f"{r['speedup']:7.2f}x {r['gbps']:7.1f} {share:>7s}")

@@ -49,4 +49,4 @@ def print_info() -> None:
         state = "usable" if info["usable"] else ("compiled, not usable" if info["compiled"]
                                                  else "not available")
         why = f" - {info['reason']}" if info["reason"] else ""
-        print(f"  {name:6s} {state}{why}")
+        print(f"  {name:10s} {state}{why}")

@@ -18,10 +18,11 @@ def required_backends() -> set[str]:
     return {b for b in os.environ.get("GRADKERN_REQUIRE", "").split(",") if b}
 
 
-@pytest.fixture(params=CPU_BACKENDS)
-def backend(request):
-    """Run the test under each CPU backend; unusable ones fail if GRADKERN_REQUIRE names them."""
-    name = request.param
+def use_backend(name: str):
+    """Generator for a fixture: force backend ``name`` for one test, then restore the choice.
+
+    An unusable backend skips the test, or fails it when GRADKERN_REQUIRE names it.
+    """
     info = gk.backends()[name]
     if not info.usable:
         if name in required_backends():
@@ -30,6 +31,12 @@ def backend(request):
     previous = gk.set_backend(name)
     yield name
     gk.set_backend(previous)
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    """Run the test under each CPU backend."""
+    yield from use_backend(request.param)
 
 
 def reference_norm(tensors, p: float) -> torch.Tensor:

@@ -1,15 +1,17 @@
-"""The CUDA backend against the pure-torch reference, plus what only a GPU can show: no host
-sync, CUDA-graph capture, other streams. Every test here skips without a usable CUDA backend."""
+"""The CUDA backends (compiled ``cuda`` and the ``numba_cuda`` fallback) against the pure-torch
+reference, plus what only a GPU can show: no host sync, CUDA-graph capture, other streams. Every
+test here runs once per CUDA backend and skips without a GPU; GRADKERN_REQUIRE=cuda,numba_cuda
+turns a backend that cannot run into a failure."""
 
 import pytest
 import torch
 
 import gradkern as gk
-from conftest import reference_norm, ulp_tolerance
+from conftest import reference_norm, ulp_tolerance, use_backend
 
-pytestmark = pytest.mark.skipif(not gk.backends()["cuda"].usable,
-                                reason="needs a GPU and the CUDA module: "
-                                       f"{gk.backends()['cuda'].reason}")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+CUDA_BACKENDS = ("cuda", "numba_cuda")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 NORMS = [2.0, 1.0, float("inf"), 0.0, 3.0, float("-inf")]
@@ -27,11 +29,9 @@ def cuda_grads(sizes, dtype=torch.float32, seed=0):
     return [torch.randn(n, generator=gen, device="cuda").to(dtype) for n in sizes]
 
 
-@pytest.fixture(autouse=True)
-def cuda_backend():
-    previous = gk.set_backend("cuda")
-    yield
-    gk.set_backend(previous)
+@pytest.fixture(autouse=True, params=CUDA_BACKENDS)
+def cuda_backend(request):
+    yield from use_backend(request.param)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,7 +1,8 @@
 """Backend discovery and dispatch.
 
 Backends, best first for each device: ``cpp`` (compiled C++/OpenMP, CPU), ``cuda`` (compiled
-CUDA kernels), ``numba`` (JIT fallback, CPU), ``torch`` (pure-torch reference, any device).
+CUDA kernels), ``numba`` (JIT fallback, CPU), ``numba_cuda`` (JIT fallback, CUDA), ``torch``
+(pure-torch reference, any device).
 A backend that is missing or broken is reported by :func:`backends`, never raised at import.
 """
 
@@ -17,8 +18,8 @@ from .base import Backend, RawStats
 __all__ = ["Backend", "BackendInfo", "RawStats", "backends", "set_backend", "get_backend",
            "backend_for"]
 
-_ORDER = {"cpu": ("cpp", "numba", "torch"), "cuda": ("cuda", "torch")}
-_NAMES = ("cpp", "cuda", "numba", "torch")
+_ORDER = {"cpu": ("cpp", "numba", "torch"), "cuda": ("cuda", "numba_cuda", "torch")}
+_NAMES = ("cpp", "cuda", "numba", "numba_cuda", "torch")
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,34 @@ def _probe(name: str) -> tuple[BackendInfo, Backend | None]:
             why = "torch has no CUDA support here (CPU build of torch, or no driver)"
             return BackendInfo(True, False, why, ("cuda",)), None
         return BackendInfo(True, True, "", ("cuda",)), cuda.CudaBackend()
+    if name == "numba_cuda":
+        return _probe_numba_cuda()
     raise ValueError(f"unknown backend {name!r}; choose from {', '.join(_NAMES)}")
+
+
+def _probe_numba_cuda() -> tuple[BackendInfo, Backend | None]:
+    try:
+        from numba import cuda as numba_cuda
+    except Exception as exc:  # numba missing, or its CUDA target broken
+        return BackendInfo(False, False, f"numba.cuda did not import: {exc}", ("cuda",)), None
+    if not torch.cuda.is_available():
+        why = "torch has no CUDA support here (CPU build of torch, or no driver)"
+        return BackendInfo(True, False, why, ("cuda",)), None
+    try:
+        available = numba_cuda.is_available()
+    except Exception as exc:  # a driver numba cannot load
+        available, why = False, f"numba.cuda cannot reach the GPU: {exc}"
+    else:
+        why = "numba.cuda finds no usable GPU or driver (see numba -s)"
+    if not available:
+        return BackendInfo(True, False, why, ("cuda",)), None
+    try:
+        from .numba_cuda import NumbaCudaBackend
+
+        return BackendInfo(True, True, "", ("cuda",)), NumbaCudaBackend()
+    except Exception as exc:  # e.g. an llvmlite that cannot lower the kernels' intrinsics
+        return BackendInfo(True, False, f"numba-cuda kernels did not load: {exc}", ("cuda",)), \
+            None
 
 
 _probed: dict[str, tuple[BackendInfo, Backend | None]] = {}

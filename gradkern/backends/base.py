@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from .._norm_spec import NormSpec
+
+if TYPE_CHECKING:
+    from .._table import WorkSet
 
 
 @dataclass
@@ -23,6 +26,15 @@ class RawStats:
     max_abs: torch.Tensor
     nonfinite: torch.Tensor
     zeros: torch.Tensor
+
+
+def empty_stats(n: int, device: torch.device | str = "cpu") -> RawStats:
+    """Uninitialised output buffers for ``n`` tensors, for the kernels to fill."""
+    f64, i64 = torch.float64, torch.int64
+    return RawStats(torch.empty(n, dtype=f64, device=device),
+                    torch.empty(n, dtype=f64, device=device),
+                    torch.empty(n, dtype=i64, device=device),
+                    torch.empty(n, dtype=i64, device=device))
 
 
 class Backend(Protocol):

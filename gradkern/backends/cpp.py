@@ -6,7 +6,7 @@ import torch
 
 from .._norm_spec import NormSpec
 from .._table import WorkSet
-from .base import RawStats
+from .base import RawStats, empty_stats
 
 try:
     from .. import _cpu
@@ -15,13 +15,6 @@ except ImportError as exc:
     IMPORT_ERROR: str | None = f"gradkern._cpu did not import: {exc}"
 else:
     IMPORT_ERROR = None
-
-
-def empty_stats(n: int) -> RawStats:
-    """Host buffers for the kernels to fill."""
-    f64, i64 = torch.float64, torch.int64
-    return RawStats(torch.empty(n, dtype=f64), torch.empty(n, dtype=f64),
-                    torch.empty(n, dtype=i64), torch.empty(n, dtype=i64))
 
 
 class CppBackend:

@@ -10,15 +10,12 @@ current stream, under the tensors' device.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
-import numpy as np
 import torch
 
-from .._chunks import chunk_plan
 from .._norm_spec import NormSpec
 from .._table import WorkSet
-from .base import RawStats
+from ._device_table import DeviceTableCache
+from .base import RawStats, empty_stats
 
 try:
     from .. import _cuda
@@ -29,7 +26,6 @@ else:
     IMPORT_ERROR = None
 
 KERNELS_READY = _cuda is not None and hasattr(_cuda, "tensor_stats")
-_CACHE_SIZE = 8
 
 
 def runtime_info() -> dict | None:
@@ -37,29 +33,11 @@ def runtime_info() -> dict | None:
     return None if _cuda is None else dict(_cuda.runtime_info())
 
 
-class _DeviceTable:
-    """The table and chunk plan as device tensors, and the tuple the kernels take."""
-
-    def __init__(self, data: np.ndarray, numel: np.ndarray, codes: np.ndarray,
-                 device: torch.device):
-        chunk_tensor, chunk_begin, first_chunk = chunk_plan(numel)
-
-        def put(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
-
-        # int64 views keep the bits of the uint64 addresses; the kernel reads them as uint64.
-        self.tensors = [put(data.view(np.int64)), put(numel), put(codes), put(chunk_tensor),
-                        put(chunk_begin), put(first_chunk)]
-        self.n_tensors = len(numel)
-        self.n_chunks = len(chunk_tensor)
-        self.handles = tuple(t.data_ptr() for t in self.tensors) + (self.n_tensors, self.n_chunks)
-
-
 class CudaBackend:
     name = "cuda"
 
     def __init__(self) -> None:
-        self._tables: OrderedDict[tuple, _DeviceTable] = OrderedDict()
+        self._tables = DeviceTableCache()
         self._sm_count: dict[int, int] = {}
 
     def supports(self, device: torch.device) -> bool:
@@ -68,18 +46,15 @@ class CudaBackend:
     def _device_of(self, ws: WorkSet) -> torch.device:
         return ws.work[0].device
 
-    def _table(self, ws: WorkSet, device: torch.device) -> _DeviceTable:
-        data, numel, codes = ws.table()
-        key = (device, data.tobytes(), numel.tobytes(), codes.tobytes())
-        table = self._tables.get(key)
-        if table is None:
-            table = _DeviceTable(data, numel, codes, device)
-            self._tables[key] = table
-            if len(self._tables) > _CACHE_SIZE:
-                self._tables.popitem(last=False)
-        else:
-            self._tables.move_to_end(key)
-        return table
+    def _handles(self, ws: WorkSet, device: torch.device) -> tuple[tuple, int]:
+        """The table as the module takes it (device addresses and sizes), and its chunk count."""
+        table = self._tables.get(ws, device)
+        handles = table.extra.get("cuda")
+        if handles is None:
+            handles = tuple(t.data_ptr() for t in table.tensors()) + (table.n_tensors,
+                                                                       table.n_chunks)
+            table.extra["cuda"] = handles
+        return handles, table.n_chunks
 
     def _launch_args(self, device: torch.device) -> tuple[int, int]:
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -90,17 +65,13 @@ class CudaBackend:
     def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
         device = self._device_of(ws)
         n = ws.size
-        f64, i64 = torch.float64, torch.int64
-        out = RawStats(torch.empty(n, dtype=f64, device=device),
-                       torch.empty(n, dtype=f64, device=device),
-                       torch.empty(n, dtype=i64, device=device),
-                       torch.empty(n, dtype=i64, device=device))
+        out = empty_stats(n, device)
         with torch.cuda.device(device):
-            table = self._table(ws, device)
-            workspace = torch.empty(_cuda.WORKSPACE_WORDS * max(table.n_chunks, 1), dtype=f64,
+            handles, n_chunks = self._handles(ws, device)
+            workspace = torch.empty(_cuda.WORKSPACE_WORDS * max(n_chunks, 1), dtype=torch.float64,
                                     device=device)
             sm_count, stream = self._launch_args(device)
-            _cuda.tensor_stats(table.handles, int(spec.kind), float(spec.p),
+            _cuda.tensor_stats(handles, int(spec.kind), float(spec.p),
                                out.power_sum.data_ptr(), out.max_abs.data_ptr(),
                                out.nonfinite.data_ptr(), out.zeros.data_ptr(),
                                workspace.data_ptr(), sm_count, stream)
@@ -109,12 +80,12 @@ class CudaBackend:
     def clip_in_place(self, ws: WorkSet, coef: torch.Tensor | None, clip_value: float) -> None:
         device = self._device_of(ws)
         with torch.cuda.device(device):
-            table = self._table(ws, device)
+            handles, _ = self._handles(ws, device)
             sm_count, stream = self._launch_args(device)
             if coef is None:
                 address, n_coef = 0, 0
             else:
                 coef = coef.to(device=device, dtype=torch.float64).contiguous()
                 address, n_coef = coef.data_ptr(), coef.numel()
-            _cuda.clip_in_place(table.handles, address, n_coef, float(clip_value), sm_count,
+            _cuda.clip_in_place(handles, address, n_coef, float(clip_value), sm_count,
                                 stream)

@@ -10,10 +10,9 @@ import numpy as np
 import torch
 
 from .._norm_spec import NormSpec
-from .base import RawStats
 from .._table import WorkSet
 from .._chunks import chunk_plan
-from .cpp import empty_stats
+from .base import RawStats, empty_stats
 
 def _bound_per_dtype(clip_value: float) -> np.ndarray:
     """clip_value rounded to fp32, fp64, fp16, bf16 (indexed by dtype code), as torch's clamp does."""

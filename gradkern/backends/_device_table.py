@@ -1,0 +1,65 @@
+"""The tensor table and its chunk plan in GPU memory, shared by the two CUDA backends.
+
+Building one costs host-to-device copies (queued on the current stream, no host sync); a
+training loop whose grad pointers do not change between steps reuses it, so the cache keeps the
+last few, keyed by device and table contents.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from .._chunks import chunk_plan
+from .._table import WorkSet
+
+_CACHE_SIZE = 8
+
+
+class DeviceTable:
+    """Device tensors: addresses (int64 bits of the uint64 pointers), element counts, dtype
+    codes, and the chunk plan (tensor and first element of each chunk, first chunk of each
+    tensor)."""
+
+    def __init__(self, data: np.ndarray, numel: np.ndarray, codes: np.ndarray,
+                 device: torch.device):
+        chunk_tensor, chunk_begin, first_chunk = chunk_plan(numel)
+
+        def put(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+
+        self.addresses = put(data.view(np.int64))
+        self.numel = put(numel)
+        self.codes = put(codes)
+        self.chunk_tensor = put(chunk_tensor)
+        self.chunk_begin = put(chunk_begin)
+        self.first_chunk = put(first_chunk)
+        self.n_tensors = len(numel)
+        self.n_chunks = len(chunk_tensor)
+        self.extra: dict[str, object] = {}  # per-backend views of these tensors, built once
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.addresses, self.numel, self.codes, self.chunk_tensor, self.chunk_begin,
+                self.first_chunk)
+
+
+class DeviceTableCache:
+    """The last few device tables, most recently used last."""
+
+    def __init__(self) -> None:
+        self._tables: OrderedDict[tuple, DeviceTable] = OrderedDict()
+
+    def get(self, ws: WorkSet, device: torch.device) -> DeviceTable:
+        data, numel, codes = ws.table()
+        key = (device, data.tobytes(), numel.tobytes(), codes.tobytes())
+        table = self._tables.get(key)
+        if table is None:
+            table = DeviceTable(data, numel, codes, device)
+            self._tables[key] = table
+            if len(self._tables) > _CACHE_SIZE:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(key)
+        return table

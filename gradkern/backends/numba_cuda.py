@@ -1,0 +1,156 @@
+"""The numba-cuda backend: the kernels in _numba_cuda_kernels.py, for CUDA tensors when the
+compiled gradkern._cuda module is absent.
+
+Same device table as the compiled backend (built once per parameter set, cached), outputs and
+workspace from torch's caching allocator, launches on torch's current stream through
+``numba.cuda.external_stream``. Tensors reach numba through ``__cuda_array_interface__``, which
+torch exports without a stream, so numba does not synchronise on them: no call here waits for
+the GPU. Kernels compile on first use and are cached on disk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .._norm_spec import NormSpec
+from .._table import DTYPE_CODES, WorkSet
+from ._device_table import DeviceTable, DeviceTableCache
+from .base import RawStats, empty_stats
+
+_BLOCKS_PER_SM = 8
+
+
+def clip_bounds(clip_value: float) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``clip_value`` in each dtype (indexed by dtype code), as the clamp kernel takes it:
+    (magnitude bits, value as float64, whether to clamp at all). fp16 and bf16 round through
+    fp32, as the compiled kernels do."""
+    bits = np.zeros(4, dtype=np.int64)
+    values = np.full(4, math.inf)
+    if math.isinf(clip_value):
+        return bits, values, False
+    as_f32 = torch.tensor(clip_value, dtype=torch.float32)
+    rounded = {torch.float32: as_f32, torch.float64: torch.tensor(clip_value, dtype=torch.float64),
+               torch.float16: as_f32.to(torch.float16), torch.bfloat16: as_f32.to(torch.bfloat16)}
+    int_view = {torch.float32: torch.int32, torch.float64: torch.int64,
+                torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    sign_clear = {torch.float32: 0x7FFFFFFF, torch.float64: 0x7FFFFFFFFFFFFFFF,
+                  torch.float16: 0x7FFF, torch.bfloat16: 0x7FFF}
+    for dtype, code in DTYPE_CODES.items():
+        r = rounded[dtype]
+        bits[code] = int(r.view(int_view[dtype]).item()) & sign_clear[dtype]
+        values[code] = abs(r.item())
+    return bits, values, True
+
+
+class NumbaCudaBackend:
+    name = "numba_cuda"
+
+    def __init__(self) -> None:
+        from numba import cuda
+
+        from . import _numba_cuda_kernels
+
+        self._cuda = cuda
+        self._k = _numba_cuda_kernels
+        self._tables = DeviceTableCache()
+        self._streams: dict[int, object] = {}
+        self._grid: dict[int, int] = {}
+        self._ones: dict[torch.device, torch.Tensor] = {}
+        self._bounds: dict[tuple[torch.device, float], tuple] = {}
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _arrays(self, table: DeviceTable) -> tuple:
+        arrays = table.extra.get("numba")
+        if arrays is None:
+            arrays = tuple(map(self._cuda.as_cuda_array, table.tensors()))
+            table.extra["numba"] = arrays
+        return arrays
+
+    def _stream(self, device: torch.device):
+        handle = torch.cuda.current_stream(device).cuda_stream
+        stream = self._streams.get(handle)
+        if stream is None:
+            stream = self._cuda.external_stream(handle)
+            self._streams[handle] = stream
+        return stream
+
+    def _blocks(self, device: torch.device, n_chunks: int) -> int:
+        if device.index not in self._grid:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            self._grid[device.index] = _BLOCKS_PER_SM * sms
+        return max(1, min(n_chunks, self._grid[device.index]))
+
+    @staticmethod
+    def _device(ws: WorkSet) -> torch.device:
+        device = ws.work[0].device
+        return device if device.index is not None else torch.device(
+            "cuda", torch.cuda.current_device())
+
+    # -- ops ---------------------------------------------------------------------------------
+
+    def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
+        device = self._device(ws)
+        n = ws.size
+        out = empty_stats(n, device)
+        as_array = self._cuda.as_cuda_array
+        with torch.cuda.device(device), self._cuda.gpus[device.index]:
+            table = self._tables.get(ws, device)
+            addresses, numel, codes, chunk_tensor, chunk_begin, first_chunk = self._arrays(table)
+            part_acc = torch.empty(max(table.n_chunks, 1), dtype=torch.float64, device=device)
+            part_bits = torch.empty((4, max(table.n_chunks, 1)), dtype=torch.int64, device=device)
+            stream = self._stream(device)
+            kind, p = int(spec.kind), float(spec.p)
+            if table.n_chunks:
+                blocks = self._blocks(device, table.n_chunks)
+                self._k.chunk_partials[blocks, self._k.THREADS, stream](
+                    addresses, numel, codes, chunk_tensor, chunk_begin, kind, p,
+                    as_array(part_acc), as_array(part_bits))
+            if n:
+                blocks = (n + self._k.THREADS - 1) // self._k.THREADS
+                self._k.fold_tensors[blocks, self._k.THREADS, stream](
+                    codes, first_chunk, kind, as_array(part_acc), as_array(part_bits),
+                    as_array(out.power_sum), as_array(out.max_abs), as_array(out.nonfinite),
+                    as_array(out.zeros))
+        return out
+
+    def clip_in_place(self, ws: WorkSet, coef: torch.Tensor | None, clip_value: float) -> None:
+        bits, values, clamp = clip_bounds(clip_value)
+        if coef is None and not clamp:
+            return
+        device = self._device(ws)
+        as_array = self._cuda.as_cuda_array
+        with torch.cuda.device(device), self._cuda.gpus[device.index]:
+            table = self._tables.get(ws, device)
+            if table.n_chunks == 0:
+                return
+            if coef is None:
+                coef = self._ones.get(device)
+                if coef is None:
+                    coef = self._ones[device] = torch.ones(1, dtype=torch.float64, device=device)
+            else:
+                coef = coef.to(device=device, dtype=torch.float64).contiguous()
+            addresses, numel, codes, chunk_tensor, chunk_begin, _ = self._arrays(table)
+            bound_bits, bound_values = self._bounds_on(device, clip_value, bits, values)
+            self._k.clip_chunks[self._blocks(device, table.n_chunks), self._k.THREADS,
+                                self._stream(device)](
+                addresses, numel, codes, chunk_tensor, chunk_begin, as_array(coef), bound_bits,
+                bound_values, clamp)
+
+    def _bounds_on(self, device: torch.device, clip_value: float, bits: np.ndarray,
+                   values: np.ndarray) -> tuple:
+        """The clamp bounds as device arrays, kept per clip value (a loop uses one or two)."""
+        key = (device, clip_value)
+        cached = self._bounds.get(key)
+        if cached is None:
+            if len(self._bounds) >= 16:
+                self._bounds.clear()
+            tensors = (torch.from_numpy(bits).to(device), torch.from_numpy(values).to(device))
+            cached = self._bounds[key] = (tensors, tuple(map(self._cuda.as_cuda_array, tensors)))
+        return cached[1]
