@@ -38,7 +38,7 @@ def _norms(
     :mod:`gradkern.distributed`); the gathered tensors are this rank's (None when it has none),
     and per-tensor norms are reduced entry-wise only when ``per_tensor`` asks for them.
     """
-    if any(map(distributed.is_dtensor, tensors)):
+    if distributed.any_dtensor(tensors):
         return _dtensor_norms(tensors, names, spec, error_if_nonfinite, group, per_tensor)
     if group is None:
         g = _engine.gather(tensors, names)

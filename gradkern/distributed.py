@@ -217,6 +217,12 @@ def is_dtensor(t) -> bool:
     return _DTENSOR is not None and isinstance(t, _DTENSOR)
 
 
+def any_dtensor(tensors: list) -> bool:
+    """Whether any of ``tensors`` is a DTensor: one check per distinct type, not per tensor
+    (10,000 isinstance calls cost more than the C loop that reads the table)."""
+    return _DTENSOR is not None and any(issubclass(t, _DTENSOR) for t in set(map(type, tensors)))
+
+
 def dtensor_local(t) -> torch.Tensor:
     """The local shard of a DTensor gradient, its partial sums reduced first (once)."""
     if any(p.is_partial() for p in t.placements):

@@ -62,7 +62,7 @@ def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0, *, group=Non
     """
     spec = parse_norm_type(norm_type)
     grads, names = grads_of(parameters)
-    if group is not None or any(map(distributed.is_dtensor, grads)):
+    if group is not None or distributed.any_dtensor(grads):
         return _grad_stats_across(grads, names, spec, group)
     if not grads:
         empty_f = torch.zeros(0)

@@ -12,6 +12,7 @@
 #include "gradkern/ops.h"
 #include "gradkern/fast_kernels.h"
 #include "gradkern/parallel.h"
+#include "gradkern/prefetch.h"
 
 namespace gradkern {
 namespace {
@@ -45,6 +46,7 @@ void clip_in_place(const TensorTable& table, const double* coef, std::int64_t n_
     const double k = coef == nullptr ? 1.0 : coef[n_coef == 1 ? 0 : ch.tensor];
     const bool scale = !(k >= 1.0);  // a NaN coefficient scales, poisoning the tensor as torch does
     if (!scale && !clamp) return;
+    prefetch_ahead(table, plan, i);
     const std::int8_t dtype = table.dtype[ch.tensor];
     dispatch_dtype(dtype, [&](auto access) {
       using A = decltype(access);

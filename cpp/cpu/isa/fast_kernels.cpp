@@ -198,7 +198,13 @@ FastStats stats(const void* data, std::int64_t n) {
     }
     if constexpr (K != NormKind::none) {
       f64x4 a[4];
-      Fmt::values_f64(m, a);
+      if constexpr (K == NormKind::l2 && std::is_same_v<Fmt, F32Fmt>) {
+        // Squares ignore the sign, so widen straight from memory: four 16-byte converts
+        // instead of lane-crossing shuffles of the masked vectors (same values, same bits).
+        for (int q = 0; q < 4; ++q) a[q] = widen(load<f32x4>(p + 4 * q));
+      } else {
+        Fmt::values_f64(m, a);
+      }
       s0 += power_term<K>(a[0]);
       s1 += power_term<K>(a[1]);
       s2 += power_term<K>(a[2]);
