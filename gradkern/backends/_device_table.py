@@ -1,6 +1,6 @@
 """The tensor table and its chunk plan in GPU memory, shared by the two CUDA backends.
 
-Building one costs host-to-device copies (queued on the current stream, no host sync); a
+Building one costs host-to-device copies (queued on the current stream, no host stall); a
 training loop whose grad pointers do not change between steps reuses it, so the cache keeps the
 last few, keyed by device and table contents.
 """
@@ -18,6 +18,15 @@ from .._table import WorkSet
 _CACHE_SIZE = 8
 
 
+def to_device_async(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A copy of ``a`` on ``device``, queued on the current stream without stalling the host.
+
+    The source goes through pinned memory: a copy from pageable memory may wait for the stream
+    to drain first. torch's pinned-memory cache keeps the staging block alive until the copy has
+    run."""
+    return torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(device, non_blocking=True)
+
+
 class DeviceTable:
     """Device tensors: addresses (int64 bits of the uint64 pointers), element counts, dtype
     codes, and the chunk plan (tensor and first element of each chunk, first chunk of each
@@ -27,15 +36,12 @@ class DeviceTable:
                  device: torch.device):
         chunk_tensor, chunk_begin, first_chunk = chunk_plan(numel)
 
-        def put(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
-
-        self.addresses = put(data.view(np.int64))
-        self.numel = put(numel)
-        self.codes = put(codes)
-        self.chunk_tensor = put(chunk_tensor)
-        self.chunk_begin = put(chunk_begin)
-        self.first_chunk = put(first_chunk)
+        self.addresses = to_device_async(data.view(np.int64), device)
+        self.numel = to_device_async(numel, device)
+        self.codes = to_device_async(codes, device)
+        self.chunk_tensor = to_device_async(chunk_tensor, device)
+        self.chunk_begin = to_device_async(chunk_begin, device)
+        self.first_chunk = to_device_async(first_chunk, device)
         self.n_tensors = len(numel)
         self.n_chunks = len(chunk_tensor)
         self.extra: dict[str, object] = {}  # per-backend views of these tensors, built once

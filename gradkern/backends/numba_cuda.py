@@ -11,16 +11,28 @@ the GPU. Kernels compile on first use and are cached on disk.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 
 from .._norm_spec import NormSpec
 from .._table import DTYPE_CODES, WorkSet
-from ._device_table import DeviceTable, DeviceTableCache
+from ._device_table import DeviceTable, DeviceTableCache, to_device_async
 from .base import RawStats, empty_stats
 
 _BLOCKS_PER_SM = 8
+_NUMBA_SMALL_GRID = 128  # numba warns below this many blocks
+
+
+def _launcher(kernel, blocks: int, threads: int, stream):
+    """``kernel[blocks, threads, stream]``. A small parameter set is a small grid by design, so
+    numba's low-occupancy warning is silenced for this launch only."""
+    if blocks >= _NUMBA_SMALL_GRID:
+        return kernel[blocks, threads, stream]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Grid size")
+        return kernel[blocks, threads, stream]
 
 
 def clip_bounds(clip_value: float) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -109,19 +121,19 @@ class NumbaCudaBackend:
             kind, p = int(spec.kind), float(spec.p)
             if table.n_chunks:
                 blocks = self._blocks(device, table.n_chunks)
-                self._k.chunk_partials[blocks, self._k.THREADS, stream](
+                _launcher(self._k.chunk_partials, blocks, self._k.THREADS, stream)(
                     addresses, numel, codes, chunk_tensor, chunk_begin, kind, p,
                     as_array(part_acc), as_array(part_bits))
             if n:
                 blocks = (n + self._k.THREADS - 1) // self._k.THREADS
-                self._k.fold_tensors[blocks, self._k.THREADS, stream](
+                _launcher(self._k.fold_tensors, blocks, self._k.THREADS, stream)(
                     codes, first_chunk, kind, as_array(part_acc), as_array(part_bits),
                     as_array(out.power_sum), as_array(out.max_abs), as_array(out.nonfinite),
                     as_array(out.zeros))
         return out
 
     def clip_in_place(self, ws: WorkSet, coef: torch.Tensor | None, clip_value: float) -> None:
-        bits, values, clamp = clip_bounds(clip_value)
+        clamp = not math.isinf(clip_value)
         if coef is None and not clamp:
             return
         device = self._device(ws)
@@ -137,20 +149,20 @@ class NumbaCudaBackend:
             else:
                 coef = coef.to(device=device, dtype=torch.float64).contiguous()
             addresses, numel, codes, chunk_tensor, chunk_begin, _ = self._arrays(table)
-            bound_bits, bound_values = self._bounds_on(device, clip_value, bits, values)
-            self._k.clip_chunks[self._blocks(device, table.n_chunks), self._k.THREADS,
-                                self._stream(device)](
+            bound_bits, bound_values = self._bounds_on(device, clip_value)
+            _launcher(self._k.clip_chunks, self._blocks(device, table.n_chunks), self._k.THREADS,
+                      self._stream(device))(
                 addresses, numel, codes, chunk_tensor, chunk_begin, as_array(coef), bound_bits,
                 bound_values, clamp)
 
-    def _bounds_on(self, device: torch.device, clip_value: float, bits: np.ndarray,
-                   values: np.ndarray) -> tuple:
+    def _bounds_on(self, device: torch.device, clip_value: float) -> tuple:
         """The clamp bounds as device arrays, kept per clip value (a loop uses one or two)."""
         key = (device, clip_value)
         cached = self._bounds.get(key)
         if cached is None:
             if len(self._bounds) >= 16:
                 self._bounds.clear()
-            tensors = (torch.from_numpy(bits).to(device), torch.from_numpy(values).to(device))
+            bits, values, _ = clip_bounds(clip_value)
+            tensors = (to_device_async(bits, device), to_device_async(values, device))
             cached = self._bounds[key] = (tensors, tuple(map(self._cuda.as_cuda_array, tensors)))
         return cached[1]
