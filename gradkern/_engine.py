@@ -129,6 +129,11 @@ def total_norm(raw: RawStats, numel: torch.Tensor, spec: NormSpec) -> torch.Tens
 
 def clip_in_place(g: Gathered, coef: torch.Tensor | None, clip_value: float) -> None:
     """Scale (where ``coef`` < 1, per tensor or one for all) then clamp, in one pass per tensor."""
+    if clip_value == float("inf") and (coef is None or (
+            coef.device.type == "cpu" and bool((coef >= 1.0).all()))):
+        # Nothing to do, and on the CPU that is known for free (on a GPU the kernel reads the
+        # coefficient itself rather than make the host wait for it). A NaN coefficient scales.
+        return
     for group in g.groups:
         group_coef = coef
         if coef is not None:

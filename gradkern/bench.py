@@ -144,8 +144,9 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
         if len(grads) <= 200 or not quick:
             t_t = best_time(lambda: _per_tensor_torch_stats(grads), repeats, device)
             row("grad_stats vs per-tensor torch", name, t_t, t_stats, nbytes)
-        fallback = "numba_cuda" if on_gpu else "numba"
-        if name.startswith("huge") and backends()[fallback].usable and backend is None:
+        compiled, fallback = ("cuda", "numba_cuda") if on_gpu else ("cpp", "numba")
+        if (name.startswith("huge") and backend is None and backends()[compiled].usable
+                and backends()[fallback].usable):
             def with_fallback():
                 before = set_backend(fallback)
                 try:
