@@ -1,4 +1,5 @@
-"""The tensor table and its chunk plan in GPU memory, shared by the two CUDA backends.
+"""The tensor table and its chunk plan in GPU memory, and the launch facts, shared by the two
+CUDA backends.
 
 Building one costs host-to-device copies (queued on the current stream, no host stall); a
 training loop whose grad pointers do not change between steps reuses it, so the cache keeps the
@@ -8,6 +9,7 @@ last few, keyed by device and table contents.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -16,6 +18,20 @@ from .._chunks import chunk_plan
 from .._table import WorkSet
 
 _CACHE_SIZE = 8
+
+
+def device_of(ws: WorkSet) -> torch.device:
+    """The CUDA device of a work set, with its index always set."""
+    device = ws.work[0].device
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@lru_cache(maxsize=None)
+def multiprocessors(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index`` (the persistent grids scale with it)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def to_device_async(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -35,7 +51,6 @@ class DeviceTable:
     def __init__(self, data: np.ndarray, numel: np.ndarray, codes: np.ndarray,
                  device: torch.device):
         chunk_tensor, chunk_begin, first_chunk = chunk_plan(numel)
-
         self.addresses = to_device_async(data.view(np.int64), device)
         self.numel = to_device_async(numel, device)
         self.codes = to_device_async(codes, device)

@@ -35,7 +35,7 @@ _BF16_SHIFT, _BF16_SCALE = 45, 2.0**896
 
 SIMULATED = bool(getattr(config, "ENABLE_CUDASIM", 0))
 
-if SIMULATED:  # pragma: no cover - exercised in a subprocess by tests/test_numba_cuda_sim.py
+if SIMULATED:  # pragma: no cover - exercised in a subprocess by tests/sim_numba_cuda_kernels.py
     import ctypes
     import struct
 
@@ -130,6 +130,7 @@ else:
 
     _load16, _load32, _load64 = _loader(16), _loader(32), _loader(64)
     _store16, _store32, _store64 = _storer(16), _storer(32), _storer(64)
+
     def _is_int64(t):
         return isinstance(t, types.Integer) and t.bitwidth == 64
 
@@ -150,24 +151,15 @@ def _smaller(a, b):
 
 
 @cuda.jit(device=True, inline=True)
-def _inf_bits(code):
+def _format_bits(code):
+    """(all bits but the sign, the infinity pattern) of a ``code`` element."""
     if code == F32:
-        return 0x7F800000
+        return 0x7FFFFFFF, 0x7F800000
     if code == F64:
-        return 0x7FF0000000000000
+        return 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000
     if code == F16:
-        return 0x7C00
-    return 0x7F80
-
-
-@cuda.jit(device=True, inline=True)
-def _sign_mask(code):
-    """All bits but the sign."""
-    if code == F32:
-        return 0x7FFFFFFF
-    if code == F64:
-        return 0x7FFFFFFFFFFFFFFF
-    return 0x7FFF
+        return 0x7FFF, 0x7C00
+    return 0x7FFF, 0x7F80
 
 
 @cuda.jit(device=True, inline=True)
@@ -192,7 +184,7 @@ def _store_bits(code, address, i, bits):
 @cuda.jit(device=True, inline=True)
 def _decode(code, mag):
     """The float64 value of magnitude bits ``mag`` of a ``code`` element."""
-    inf = _inf_bits(code)
+    _, inf = _format_bits(code)
     if mag >= inf:
         return math.inf if mag == inf else math.nan
     if code == F32:
@@ -233,8 +225,7 @@ def chunk_partials(addresses, numels, codes, chunk_tensor, chunk_begin, kind, p,
         end = _smaller(begin + CHUNK_ELEMS, numels[t])
         code = codes[t]
         address = addresses[t]
-        inf = _inf_bits(code)
-        mask = _sign_mask(code)
+        mask, inf = _format_bits(code)
         acc = 0.0
         top = 0
         low = NO_MIN
@@ -295,7 +286,7 @@ def fold_tensors(codes, first_chunk, kind, part_acc, part_bits,
         bad += part_bits[2, c]
         zero += part_bits[3, c]
     code = codes[t]
-    has_nan = top > _inf_bits(code)
+    has_nan = top > _format_bits(code)[1]
     power = acc
     if kind == KIND_MIN_ABS:
         power = math.inf if low == NO_MIN else _decode(code, low)
@@ -385,8 +376,7 @@ def clip_chunks(addresses, numels, codes, chunk_tensor, chunk_begin, coef, bound
             end = _smaller(begin + CHUNK_ELEMS, numels[t])
             code = codes[t]
             address = addresses[t]
-            inf = _inf_bits(code)
-            mask = _sign_mask(code)
+            mask, inf = _format_bits(code)
             bound = bound_bits[code]
             i = begin + tid
             while i < end:

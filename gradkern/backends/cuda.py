@@ -14,7 +14,7 @@ import torch
 
 from .._norm_spec import NormSpec
 from .._table import WorkSet
-from ._device_table import DeviceTableCache
+from ._device_table import DeviceTableCache, device_of, multiprocessors
 from .base import RawStats, empty_stats
 
 try:
@@ -38,13 +38,9 @@ class CudaBackend:
 
     def __init__(self) -> None:
         self._tables = DeviceTableCache()
-        self._sm_count: dict[int, int] = {}
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cuda"
-
-    def _device_of(self, ws: WorkSet) -> torch.device:
-        return ws.work[0].device
 
     def _handles(self, ws: WorkSet, device: torch.device) -> tuple[tuple, int]:
         """The table as the module takes it (device addresses and sizes), and its chunk count."""
@@ -56,14 +52,12 @@ class CudaBackend:
             table.extra["cuda"] = handles
         return handles, table.n_chunks
 
-    def _launch_args(self, device: torch.device) -> tuple[int, int]:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in self._sm_count:
-            self._sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        return self._sm_count[index], torch.cuda.current_stream(index).cuda_stream
+    @staticmethod
+    def _launch_args(device: torch.device) -> tuple[int, int]:
+        return multiprocessors(device.index), torch.cuda.current_stream(device).cuda_stream
 
     def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
-        device = self._device_of(ws)
+        device = device_of(ws)
         n = ws.size
         out = empty_stats(n, device)
         with torch.cuda.device(device):
@@ -78,7 +72,7 @@ class CudaBackend:
         return out
 
     def clip_in_place(self, ws: WorkSet, coef: torch.Tensor | None, clip_value: float) -> None:
-        device = self._device_of(ws)
+        device = device_of(ws)
         with torch.cuda.device(device):
             handles, _ = self._handles(ws, device)
             sm_count, stream = self._launch_args(device)

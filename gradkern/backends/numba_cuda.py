@@ -18,7 +18,8 @@ import torch
 
 from .._norm_spec import NormSpec
 from .._table import DTYPE_CODES, WorkSet
-from ._device_table import DeviceTable, DeviceTableCache, to_device_async
+from ._device_table import (DeviceTable, DeviceTableCache, device_of, multiprocessors,
+                            to_device_async)
 from .base import RawStats, empty_stats
 
 _BLOCKS_PER_SM = 8
@@ -69,7 +70,6 @@ class NumbaCudaBackend:
         self._k = _numba_cuda_kernels
         self._tables = DeviceTableCache()
         self._streams: dict[int, object] = {}
-        self._grid: dict[int, int] = {}
         self._ones: dict[torch.device, torch.Tensor] = {}
         self._bounds: dict[tuple[torch.device, float], tuple] = {}
 
@@ -93,22 +93,14 @@ class NumbaCudaBackend:
             self._streams[handle] = stream
         return stream
 
-    def _blocks(self, device: torch.device, n_chunks: int) -> int:
-        if device.index not in self._grid:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            self._grid[device.index] = _BLOCKS_PER_SM * sms
-        return max(1, min(n_chunks, self._grid[device.index]))
-
     @staticmethod
-    def _device(ws: WorkSet) -> torch.device:
-        device = ws.work[0].device
-        return device if device.index is not None else torch.device(
-            "cuda", torch.cuda.current_device())
+    def _blocks(device: torch.device, n_chunks: int) -> int:
+        return max(1, min(n_chunks, _BLOCKS_PER_SM * multiprocessors(device.index)))
 
     # -- ops ---------------------------------------------------------------------------------
 
     def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
-        device = self._device(ws)
+        device = device_of(ws)
         n = ws.size
         out = empty_stats(n, device)
         as_array = self._cuda.as_cuda_array
@@ -136,7 +128,7 @@ class NumbaCudaBackend:
         clamp = not math.isinf(clip_value)
         if coef is None and not clamp:
             return
-        device = self._device(ws)
+        device = device_of(ws)
         as_array = self._cuda.as_cuda_array
         with torch.cuda.device(device), self._cuda.gpus[device.index]:
             table = self._tables.get(ws, device)
