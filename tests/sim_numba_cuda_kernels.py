@@ -17,7 +17,7 @@ from numba import cuda
 from gradkern import _chunks
 from gradkern._table import DTYPE_CODES
 from gradkern.backends import _numba_cuda_kernels as k
-from gradkern.backends.numba_cuda import clip_bounds
+from gradkern.backends._clip_bounds import clip_bounds
 
 assert k.SIMULATED, "run with NUMBA_ENABLE_CUDASIM=1"
 

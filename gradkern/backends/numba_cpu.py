@@ -12,14 +12,8 @@ import torch
 from .._norm_spec import NormSpec
 from .._table import WorkSet
 from .._chunks import chunk_plan
+from ._clip_bounds import clip_bounds
 from .base import RawStats, empty_stats
-
-def _bound_per_dtype(clip_value: float) -> np.ndarray:
-    """clip_value rounded to fp32, fp64, fp16, bf16 (indexed by dtype code), as torch's clamp does."""
-    if clip_value == float("inf"):
-        return np.full(4, np.inf)
-    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-    return np.array([torch.tensor(clip_value, dtype=d).item() for d in dtypes])
 
 
 class NumbaBackend:
@@ -52,5 +46,5 @@ class NumbaBackend:
         coef_array = np.ones(1) if coef is None else coef.numpy()
         self._kernels.clip_in_place(
             data.view(np.int64), numel, codes, chunk_tensor, chunk_begin, coef_array,
-            _bound_per_dtype(clip_value),
+            clip_bounds(clip_value)[1],
         )
