@@ -41,10 +41,14 @@ class Gathered:
     dtype: torch.dtype  # torch's result dtype for a norm over these tensors
 
 
-def gather(tensors: list[torch.Tensor], names: Sequence[str] | None = None) -> Gathered:
-    """Validate ``tensors`` (non-empty) and split them by device. Raises before touching anything."""
+def gather(tensors: list[torch.Tensor], names: Sequence[str] | None = None, *,
+           try_dense: bool = True) -> Gathered:
+    """Validate ``tensors`` (non-empty) and split them by device. Raises before touching anything.
+
+    ``try_dense=False`` skips the one-C-loop reader, for a caller that already saw it fail.
+    """
     first = tensors[0].device
-    dense = read_dense_table(tensors, first)
+    dense = read_dense_table(tensors, first) if try_dense else None
     if dense is not None:  # the common case, read in one C loop
         group = Group(backend_for(first), dense, None)
         return Gathered(tensors, names, [group], first, result_dtype(dtypes_of(dense.codes)))
@@ -62,6 +66,41 @@ def gather(tensors: list[torch.Tensor], names: Sequence[str] | None = None) -> G
             groups.append(Group(backend_for(device), ws, index))
     dtype = result_dtype(set(map(_get_dtype, tensors)))
     return Gathered(tensors, names, groups, first, dtype)
+
+
+def fused_stats(tensors: list[torch.Tensor], names: Sequence[str] | None,
+                spec: NormSpec) -> tuple[Gathered, RawStats, torch.Tensor] | None:
+    """:func:`gather` and :func:`tensor_stats` in one backend call, where the backend can read
+    the table itself (the C++ CPU backend: its pass overlaps the reading); None otherwise, or
+    when a tensor needs the general path. Only plain tensors pass, so never a DTensor."""
+    first = tensors[0].device
+    backend = backend_for(first)
+    read_tensor_stats = getattr(backend, "read_tensor_stats", None)
+    if read_tensor_stats is None:
+        return None
+    hit = read_tensor_stats(tensors, spec)
+    if hit is None:
+        return None
+    ws, raw = hit
+    g = Gathered(tensors, names, [Group(backend, ws, None)], first,
+                 result_dtype(dtypes_of(ws.codes)))
+    return g, raw, torch.from_numpy(ws.numel)
+
+
+def gather_stats(tensors: list[torch.Tensor], names: Sequence[str] | None,
+                 spec: NormSpec) -> tuple[Gathered, RawStats, torch.Tensor]:
+    """``(gathered, raw, numel)``: :func:`gather` then :func:`tensor_stats`, fused where the
+    backend can. Raises (touching nothing) as :func:`gather` does."""
+    fused = fused_stats(tensors, names, spec)
+    if fused is not None:
+        return fused
+    g = gather(tensors, names, try_dense=not _has_fused_reader(tensors[0].device))
+    return (g, *tensor_stats(g, spec))
+
+
+def _has_fused_reader(device: torch.device) -> bool:
+    """Whether fused_stats already tried (and failed) the one-C-loop reader for this device."""
+    return hasattr(backend_for(device), "read_tensor_stats")
 
 
 def tensor_stats(g: Gathered, spec: NormSpec) -> tuple[RawStats, torch.Tensor]:

@@ -29,9 +29,24 @@ _DTYPES_BY_CODE = tuple(DTYPE_CODES)  # dict order is code order
 _get_dtype = attrgetter("dtype")
 
 try:  # the table reader lives in the C++ module; without it the Python path below does the work
+    from ._cpu import find_impl_offset as _find_impl_offset
     from ._cpu import read_tensor_table as _read_tensor_table
 except ImportError:
     _read_tensor_table = None
+
+
+def _impl_offset() -> int:
+    """Where a tensor object keeps its TensorImpl pointer, which the reader prefetches through
+    (-1: unknown, no prefetching). ``_cdata`` is that pointer; a torch without it only loses
+    the prefetch."""
+    probe = torch.empty(1)
+    try:
+        return _find_impl_offset(probe, int(probe._cdata))
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return -1
+
+
+_IMPL_OFFSET = -1 if _read_tensor_table is None else _impl_offset()
 
 
 def describe(i: int, names: Sequence[str] | None) -> str:
@@ -80,6 +95,12 @@ def result_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
     return reduce(torch.promote_types, sorted(dtypes, key=str))
 
 
+def reader_arguments() -> tuple[type, tuple[torch.dtype, ...], int]:
+    """What the C table readers take to recognise a plain tensor: the tensor type, the dtypes in
+    code order, and the TensorImpl offset they prefetch through."""
+    return torch.Tensor, _DTYPES_BY_CODE, _IMPL_OFFSET
+
+
 def read_dense_table(tensors: list[torch.Tensor], device: torch.device) -> WorkSet | None:
     """The fast path: a WorkSet over ``tensors`` read in one C loop, or None.
 
@@ -90,8 +111,9 @@ def read_dense_table(tensors: list[torch.Tensor], device: torch.device) -> WorkS
     if _read_tensor_table is None or device.type not in ("cpu", "cuda"):
         return None
     flag, index = ("is_cpu", -1) if device.type == "cpu" else ("is_cuda", device.index)
-    data, numel, codes, ok = _read_tensor_table(tensors, torch.Tensor, _DTYPES_BY_CODE, flag,
-                                                index)
+    tensor_type, dtypes, impl_offset = reader_arguments()
+    data, numel, codes, ok = _read_tensor_table(tensors, tensor_type, dtypes, flag, index,
+                                                impl_offset)
     if not ok.all():
         return None
     return WorkSet(list(tensors), codes, numel, addresses=data)

@@ -38,11 +38,11 @@ def _norms(
     :mod:`gradkern.distributed`); the gathered tensors are this rank's (None when it has none),
     and per-tensor norms are reduced entry-wise only when ``per_tensor`` asks for them.
     """
-    if distributed.any_dtensor(tensors):
+    fused = _engine.fused_stats(tensors, names, spec) if group is None else None
+    if fused is None and distributed.any_dtensor(tensors):
         return _dtensor_norms(tensors, names, spec, error_if_nonfinite, group, per_tensor)
     if group is None:
-        g = _engine.gather(tensors, names)
-        raw, numel = _engine.tensor_stats(g, spec)
+        g, raw, numel = fused or _engine.gather_stats(tensors, names, spec)
         total = _engine.total_norm(raw, numel, spec)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise _nonfinite_error(g, raw, spec)

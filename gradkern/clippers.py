@@ -52,8 +52,7 @@ class _Grads:
         if group is None:
             if not params:
                 return None
-            g = _engine.gather([p.grad for p in params], names)
-            return cls(params, g, *_engine.tensor_stats(g, _L2))
+            return cls(params, *_engine.gather_stats([p.grad for p in params], names, _L2))
 
         g, raw, numel, error = distributed.local_stats([p.grad for p in params], names, _L2)
         return cls(params, g, raw, numel, group, error)

@@ -53,8 +53,7 @@ def local_stats(tensors: list[torch.Tensor], names, spec: NormSpec):
     try:
         from . import _engine
 
-        g = _engine.gather(tensors, names)
-        return (g, *_engine.tensor_stats(g, spec), None)
+        return (*_engine.gather_stats(tensors, names, spec), None)
     except Exception as exc:  # re-raised by finish() once every rank has joined
         return None, None, None, exc
 

@@ -240,8 +240,7 @@ class Monitor:
             return False
         params = [self.layers.params[i] for i in present]
         local_grads = [_local(p.grad) for p in params]
-        g = _engine.gather(local_grads, None)
-        raw, numel = _engine.tensor_stats(g, _L2)
+        g, raw, numel = _engine.gather_stats(local_grads, None, _L2)
         device = raw.power_sum.device
         if self._ring is None:
             self._ring = torch.zeros(self.log_every, len(self.layers), _FIELDS,
@@ -320,9 +319,9 @@ class Monitor:
         present, before = self._snapshot
         self._snapshot = None
         after = [_local(self.layers.params[i].detach()) for i in present]
-        w_raw, _ = _engine.tensor_stats(_engine.gather(before, None), _L2)
+        _, w_raw, _ = _engine.gather_stats(before, None, _L2)
         torch._foreach_sub_(before, after)  # the snapshot becomes -update: no second copy
-        d_raw, _ = _engine.tensor_stats(_engine.gather(before, None), _L2)
+        _, d_raw, _ = _engine.gather_stats(before, None, _L2)
         index = self._layer_index(tuple(present), w_raw.power_sum.device)
         n = len(self.layers)
         w_sq = torch.zeros(n, dtype=torch.float64, device=index.device).index_add_(

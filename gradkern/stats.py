@@ -68,8 +68,7 @@ def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0, *, group=Non
         empty_f = torch.zeros(0)
         empty_i = torch.zeros(0, dtype=torch.int64)
         return GradStats(names, empty_f, empty_f, empty_i, empty_i, empty_i, torch.tensor(0.0))
-    g = _engine.gather(grads, names)
-    raw, numel = _engine.tensor_stats(g, spec)
+    g, raw, numel = _engine.gather_stats(grads, names, spec)
     return _from_raw(names, raw, numel, spec, g.dtype == torch.float64)
 
 
@@ -137,6 +136,5 @@ def find_nonfinite(parameters: TensorOrTensors) -> list[str]:
     grads, names = grads_of(parameters)
     if not grads:
         return []
-    g = _engine.gather(grads, names)
-    raw, _ = _engine.tensor_stats(g, parse_norm_type(float("inf")))
+    g, raw, _ = _engine.gather_stats(grads, names, parse_norm_type(float("inf")))
     return _engine.nonfinite_names(g, raw.nonfinite)

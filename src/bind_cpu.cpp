@@ -72,6 +72,75 @@ void py_clip_in_place(const Array<std::uint64_t>& data, const Array<std::int64_t
   clip_in_place(table, coef_ptr, n_coef, clip_value);
 }
 
+// Feeds tensor_stats_streaming from a list of tensors. Rows are read with the GIL held, on the
+// calling thread as the kernel requires; once every row is read the GIL is released, since the
+// rest of the pass touches no Python object.
+class ListTableSource final : public TableSource {
+ public:
+  ListTableSource(const gradkern_py::TensorTableReader& reader, PyObject* const* items,
+                  Py_ssize_t n, std::uint64_t* data, std::int64_t* numel, std::int8_t* codes)
+      : reader_(reader), items_(items), n_(n), data_(data), numel_(numel), codes_(codes) {}
+
+  std::int64_t fill(std::int64_t begin, std::int64_t end) override {
+    for (std::int64_t i = begin; i < end; ++i) {
+      gradkern_py::TableRow row{0, 0, -1};
+      if (!reader_.read_row(items_, n_, i, row)) return i - begin;
+      data_[i] = row.data;
+      numel_[i] = row.numel;
+      codes_[i] = row.code;
+    }
+    return end - begin;
+  }
+
+  ~ListTableSource() override { reacquire_gil(); }  // also when the pass throws
+
+  void done() override { released_ = PyEval_SaveThread(); }
+
+  void reacquire_gil() {
+    if (released_ != nullptr) PyEval_RestoreThread(released_);
+    released_ = nullptr;
+  }
+
+ private:
+  const gradkern_py::TensorTableReader& reader_;
+  PyObject* const* items_;
+  Py_ssize_t n_;
+  std::uint64_t* data_;
+  std::int64_t* numel_;
+  std::int8_t* codes_;
+  PyThreadState* released_ = nullptr;
+};
+
+// (data, numel, codes, ok) of a list of CPU tensors, like read_tensor_table, with their
+// statistics written to the four arrays in the same call: the pass starts on the first rows while
+// the later ones are still being read. ok is False (and the statistics meaningless) unless every
+// tensor is one the table reader accepts.
+py::tuple py_read_tensor_stats(py::sequence tensors, py::handle tensor_type, py::tuple dtypes,
+                               Py_ssize_t impl_offset, int kind, double p,
+                               py::array_t<double> power_sum, py::array_t<double> max_abs,
+                               py::array_t<std::int64_t> nonfinite,
+                               py::array_t<std::int64_t> zeros) {
+  if (dtypes.size() != 4) throw py::value_error("dtypes: expected the 4 dtypes in code order");
+  if (!PyType_Check(tensor_type.ptr())) throw py::type_error("tensor_type: expected a type");
+  if (kind < 0 || kind > 4) throw std::invalid_argument("bad norm kind");
+  const py::object fast =
+      py::reinterpret_steal<py::object>(PySequence_Fast(tensors.ptr(), "expected a sequence"));
+  if (!fast) throw py::error_already_set();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast.ptr());
+  const TensorStatsOut out{writable(power_sum, n, "power_sum"), writable(max_abs, n, "max_abs"),
+                           writable(nonfinite, n, "nonfinite"), writable(zeros, n, "zeros")};
+  py::array_t<std::uint64_t> data(n);
+  py::array_t<std::int64_t> numel(n);
+  py::array_t<std::int8_t> codes(n);
+  const gradkern_py::TensorTableReader reader(tensor_type, dtypes, "is_cpu", -1, impl_offset);
+  ListTableSource source(reader, PySequence_Fast_ITEMS(fast.ptr()), n, data.mutable_data(),
+                         numel.mutable_data(), codes.mutable_data());
+  const TensorTable table{data.data(), numel.data(), codes.data(), n};
+  const bool ok = tensor_stats_streaming(source, table, static_cast<NormKind>(kind), p, out);
+  source.reacquire_gil();
+  return py::make_tuple(data, numel, codes, ok);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -86,9 +155,17 @@ PYBIND11_MODULE(_cpu, m) {
         "Scale each tensor by its coefficient when < 1, then clamp to +-clip_value.");
   m.def("read_tensor_table", &gradkern_py::read_tensor_table, py::arg("tensors"),
         py::arg("tensor_type"), py::arg("dtypes"), py::arg("device_flag"),
-        py::arg("device_index"),
+        py::arg("device_index"), py::arg("impl_offset") = -1,
         "(data, numel, codes, ok) of a list of torch tensors, read in one C loop; ok is False "
-        "where a tensor needs the general Python path.");
+        "where a tensor needs the general Python path. impl_offset (from find_impl_offset) "
+        "lets the loop prefetch each tensor's metadata; -1 turns that off.");
+  m.def("read_tensor_stats", &py_read_tensor_stats, py::arg("tensors"), py::arg("tensor_type"),
+        py::arg("dtypes"), py::arg("impl_offset"), py::arg("kind"), py::arg("p"),
+        py::arg("power_sum"), py::arg("max_abs"), py::arg("nonfinite"), py::arg("zeros"),
+        "read_tensor_table and tensor_stats at once, for CPU tensors: (data, numel, codes, ok).");
+  m.def("find_impl_offset", &gradkern_py::find_impl_offset, py::arg("probe"),
+        py::arg("impl_address"),
+        "Byte offset of impl_address (probe._cdata) inside the probe tensor object, or -1.");
   m.def("build_info", [] {
     const BuildInfo b = build_info();
     py::dict d;

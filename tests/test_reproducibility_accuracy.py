@@ -16,6 +16,8 @@ gk.set_backend({backend!r})
 gen = torch.Generator().manual_seed(0)
 grads = [torch.randn(n, generator=gen) for n in (3, 1_000_003, 65_536, 250_000)]
 grads.append(torch.randn(300_001, generator=gen).bfloat16())
+# enough small tensors that the C++ backend reduces them while it is still reading the table
+grads += [torch.randn(int(n), generator=gen) for n in torch.randint(0, 3000, (300,), generator=gen)]
 class P:
     def __init__(self, g):
         self.grad = g

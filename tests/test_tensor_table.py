@@ -48,3 +48,91 @@ def test_unusual_inputs_still_get_correct_results():
     mixed = [torch.randn(3), g.t(), torch.randn(4, 4).to_sparse()]
     expected = torch.linalg.vector_norm(torch.cat([t.to_dense().reshape(-1) for t in mixed]))
     torch.testing.assert_close(gk.get_total_norm(mixed), expected)
+
+
+def _stats_arrays(n):
+    import numpy as np
+
+    return [np.empty(n), np.empty(n), np.empty(n, np.int64), np.empty(n, np.int64)]
+
+
+def _read_then_reduce(tensors, kind, p):
+    from gradkern import _cpu
+
+    data, numel, codes, ok = read(tensors)
+    out = _stats_arrays(len(tensors))
+    if ok.all():
+        _cpu.tensor_stats(data, numel, codes, kind, p, *out)
+    return (data, numel, codes, bool(ok.all())), out
+
+
+def _read_and_reduce(tensors, kind, p):
+    from gradkern import _cpu
+    from gradkern._table import reader_arguments
+
+    out = _stats_arrays(len(tensors))
+    table = _cpu.read_tensor_stats(tensors, *reader_arguments(), kind, p, *out)
+    return table, out
+
+
+def _mixed_tensors(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 3000, (n,), generator=gen).tolist()
+    tensors = [torch.randn(s, generator=gen).to(DTYPES[i % 4]) for i, s in enumerate(sizes)]
+    tensors[5] = torch.randn(200_000, generator=gen)  # more than one chunk: the pass after the read
+    tensors[9] = torch.randn(70_000, generator=gen).bfloat16()
+    tensors[11].zero_()
+    tensors[12][3] = float("nan")
+    tensors[13][0] = float("-inf")
+    return tensors
+
+
+@pytest.mark.parametrize("kind,p", [(0, 0.0), (1, 1.0), (2, 2.0), (3, 0.0), (4, 3.0)])
+@pytest.mark.parametrize("n", [0, 10, 1_500])
+def test_reading_while_reducing_gives_the_same_bits_as_reading_then_reducing(kind, p, n):
+    import numpy as np
+
+    tensors = _mixed_tensors(n) if n >= 14 else [torch.randn(7) for _ in range(n)]
+    (data, numel, codes, ok), fused = _read_and_reduce(tensors, kind, p)
+    (data2, numel2, codes2, ok2), separate = _read_then_reduce(tensors, kind, p)
+    assert ok and ok2
+    assert data.tolist() == data2.tolist() and numel.tolist() == numel2.tolist()
+    assert codes.tolist() == codes2.tolist()
+    for a, b in zip(fused, separate):
+        assert np.array_equal(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("where", [0, 700, 1_499])
+def test_reading_while_reducing_stops_at_a_tensor_it_cannot_read(where):
+    tensors = [t.nan_to_num(posinf=1.0, neginf=-1.0) for t in _mixed_tensors(1_500)]
+    tensors[where] = torch.randn(6, 5).t()
+    (_, _, _, ok), _ = _read_and_reduce(tensors, 2, 2.0)
+    assert ok is False
+    # and the public op still gets it right through the general path
+    expected = torch.linalg.vector_norm(torch.cat([t.double().reshape(-1) for t in tensors]))
+    torch.testing.assert_close(gk.get_total_norm(tensors).double(), expected)
+
+
+def test_impl_offset_finds_cdata_or_nothing():
+    from gradkern import _cpu
+    from gradkern._table import reader_arguments
+
+    probe = torch.empty(3)
+    offset = _cpu.find_impl_offset(probe, probe._cdata)
+    assert offset == reader_arguments()[2]
+    if offset >= 0:  # the word there is the TensorImpl address, for any tensor
+        import ctypes
+
+        other = torch.randn(4, 4)[1:]
+        assert ctypes.c_uint64.from_address(id(other) + offset).value == other._cdata
+    assert _cpu.find_impl_offset(probe, 1) == -1
+
+
+def test_a_wrong_impl_offset_costs_speed_not_results():
+    tensors = [torch.randn(50) for _ in range(100)]
+    for offset in (-1, 0, 8, 10_000):
+        from gradkern import _cpu
+
+        data, numel, _, ok = _cpu.read_tensor_table(tensors, torch.Tensor, DTYPES, "is_cpu", -1,
+                                                     offset)
+        assert ok.all() and data.tolist() == [t.data_ptr() for t in tensors]

@@ -5,6 +5,7 @@
 // without being allowed to reassociate), the lanes are folded in a fixed order, and the chunks of
 // a tensor are folded in chunk order: the result is identical run to run and for any thread count.
 // Power sums accumulate in fp64 whatever the input dtype.
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -107,6 +108,33 @@ Partial reduce_chunk_any(const FastKernels& fast, const TensorTable& table, cons
   return r;
 }
 
+// Folds the partial of the next chunk of a tensor into r. Chunks are always folded in order.
+template <NormKind K>
+inline void fold(Partial& r, const Partial& c) {
+  if constexpr (K == NormKind::min_abs) {
+    r.power_sum = c.power_sum < r.power_sum ? c.power_sum : r.power_sum;
+  } else {
+    r.power_sum += c.power_sum;
+  }
+  r.max_abs = c.max_abs > r.max_abs ? c.max_abs : r.max_abs;
+  r.nonfinite += c.nonfinite;
+  r.zeros += c.zeros;
+  r.has_nan = r.has_nan || c.has_nan;
+}
+
+template <NormKind K>
+constexpr Partial empty_partial() {
+  return Partial{power_identity<K>(), 0.0, 0, 0, false};
+}
+
+inline void write(const Partial& r, std::int64_t t, TensorStatsOut out) {
+  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+  out.power_sum[t] = r.has_nan ? kNaN : r.power_sum;
+  out.max_abs[t] = r.has_nan ? kNaN : r.max_abs;
+  out.nonfinite[t] = r.nonfinite;
+  out.zeros[t] = r.zeros;
+}
+
 template <NormKind K>
 void tensor_stats_impl(const TensorTable& table, double p, TensorStatsOut out) {
   const ChunkPlan plan = plan_chunks(table);
@@ -116,38 +144,160 @@ void tensor_stats_impl(const TensorTable& table, double p, TensorStatsOut out) {
     prefetch_ahead(table, plan, i);
     partials[i] = reduce_chunk_any<K>(fast, table, plan.chunks[i], p);
   });
-  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
   for (std::int64_t t = 0; t < table.size; ++t) {
-    Partial r{power_identity<K>(), 0.0, 0, 0, false};
+    Partial r = empty_partial<K>();
     for (std::int64_t i = plan.first_chunk[t]; i < plan.first_chunk[t + 1]; ++i) {
-      const Partial& c = partials[i];
-      if constexpr (K == NormKind::min_abs) {
-        r.power_sum = c.power_sum < r.power_sum ? c.power_sum : r.power_sum;
-      } else {
-        r.power_sum += c.power_sum;
-      }
-      r.max_abs = c.max_abs > r.max_abs ? c.max_abs : r.max_abs;
-      r.nonfinite += c.nonfinite;
-      r.zeros += c.zeros;
-      r.has_nan = r.has_nan || c.has_nan;
+      fold<K>(r, partials[i]);
     }
-    out.power_sum[t] = r.has_nan ? kNaN : r.power_sum;
-    out.max_abs[t] = r.has_nan ? kNaN : r.max_abs;
-    out.nonfinite[t] = r.nonfinite;
-    out.zeros[t] = r.zeros;
+    write(r, t, out);
   }
 }
+
+// ---- the same statistics while the table is still being read ---------------------------------
+//
+// For thousands of small tensors, reading the table from Python costs more than reducing the
+// tensors, and only the calling thread can read it. So the caller reads and publishes rows while
+// the other threads reduce what is published; once the table is read the caller reduces too.
+// Each small tensor is reduced whole by one thread, chunk by chunk in order, exactly as
+// tensor_stats_impl folds it, so the results are the same bits. Tensors of more than one chunk
+// wait for the chunk-parallel pass after the read, so one large tensor never runs on one thread.
+
+constexpr std::int64_t kStreamMinRows = 64;   // below this, read first, then reduce
+constexpr std::int64_t kPublishRows = 16;     // rows the reader reads between publications
+constexpr std::int64_t kClaimRows = 8;        // rows a reducer takes at a time
+constexpr std::int64_t kTensorsAhead = 4;     // data prefetch distance, in tensors
+
+inline bool streamed(const TensorTable& table, std::int64_t t) {
+  return table.numel[t] <= kChunkElems;
+}
+
+template <NormKind K>
+void reduce_streamed_rows(const FastKernels& fast, const TensorTable& table, double p,
+                          std::int64_t begin, std::int64_t end, TensorStatsOut out) {
+  for (std::int64_t t = begin; t < end; ++t) {
+    if (t + kTensorsAhead < end) prefetch_tensor(table, t + kTensorsAhead);
+    if (!streamed(table, t)) continue;
+    Partial r = empty_partial<K>();
+    if (table.numel[t] > 0) fold<K>(r, reduce_chunk_any<K>(fast, table, {t, 0, table.numel[t]}, p));
+    write(r, t, out);
+  }
+}
+
+// The rows the stream left out (more than one chunk), reduced chunk-parallel as a table of their
+// own and written back to their places.
+template <NormKind K>
+void reduce_large_rows(const TensorTable& table, double p, TensorStatsOut out) {
+  std::vector<std::int64_t> rows;
+  for (std::int64_t t = 0; t < table.size; ++t) {
+    if (!streamed(table, t)) rows.push_back(t);
+  }
+  if (rows.empty()) return;
+  const auto n = static_cast<std::int64_t>(rows.size());
+  std::vector<std::uint64_t> data(n);
+  std::vector<std::int64_t> numel(n), nonfinite(n), zeros(n);
+  std::vector<std::int8_t> dtype(n);
+  std::vector<double> power_sum(n), max_abs(n);
+  for (std::int64_t i = 0; i < n; ++i) {
+    data[i] = table.data[rows[i]];
+    numel[i] = table.numel[rows[i]];
+    dtype[i] = table.dtype[rows[i]];
+  }
+  tensor_stats_impl<K>(TensorTable{data.data(), numel.data(), dtype.data(), n}, p,
+                       TensorStatsOut{power_sum.data(), max_abs.data(), nonfinite.data(),
+                                      zeros.data()});
+  for (std::int64_t i = 0; i < n; ++i) {
+    out.power_sum[rows[i]] = power_sum[i];
+    out.max_abs[rows[i]] = max_abs[i];
+    out.nonfinite[rows[i]] = nonfinite[i];
+    out.zeros[rows[i]] = zeros[i];
+  }
+}
+
+template <NormKind K>
+bool tensor_stats_streaming_impl(TableSource& source, const TensorTable& table, double p,
+                                 TensorStatsOut out) {
+  const std::int64_t n = table.size;
+  if (max_threads() < 2 || n < kStreamMinRows) {
+    const bool complete = source.fill(0, n) == n;
+    source.done();
+    if (complete) tensor_stats_impl<K>(table, p, out);
+    return complete;
+  }
+  const FastKernels& fast = fast_kernels();
+  std::atomic<std::int64_t> published{0};  // rows [0, published) are read and valid
+  std::atomic<std::int64_t> claimed{0};    // rows [0, claimed) are taken by a reducer
+  std::atomic<bool> reading{true};
+  bool complete = true;
+  run_with_helpers(
+      [&] {  // the calling thread: read, then help reduce
+        for (std::int64_t b = 0; b < n; b += kPublishRows) {
+          const std::int64_t e = b + kPublishRows < n ? b + kPublishRows : n;
+          if (source.fill(b, e) != e - b) {
+            complete = false;
+            break;
+          }
+          published.store(e, std::memory_order_release);
+        }
+        reading.store(false, std::memory_order_release);
+        source.done();
+      },
+      [&] {  // every thread, the caller after its reading: reduce published rows until none is left
+        for (;;) {
+          const bool more_coming = reading.load(std::memory_order_acquire);
+          const std::int64_t ready = published.load(std::memory_order_acquire);
+          std::int64_t begin = claimed.load(std::memory_order_relaxed);
+          if (begin >= ready) {
+            if (!more_coming) return;
+            cpu_relax();
+            continue;
+          }
+          const std::int64_t end = begin + kClaimRows < ready ? begin + kClaimRows : ready;
+          if (claimed.compare_exchange_weak(begin, end, std::memory_order_relaxed)) {
+            reduce_streamed_rows<K>(fast, table, p, begin, end, out);
+          }
+        }
+      });
+  if (!complete) return false;
+  reduce_large_rows<K>(table, p, out);
+  return true;
+}
+
+template <template <NormKind> class F, class... Args>
+auto dispatch_kind(NormKind kind, Args&&... args) {
+  switch (kind) {
+    case NormKind::l1: return F<NormKind::l1>::run(args...);
+    case NormKind::l2: return F<NormKind::l2>::run(args...);
+    case NormKind::min_abs: return F<NormKind::min_abs>::run(args...);
+    case NormKind::power: return F<NormKind::power>::run(args...);
+    case NormKind::none: break;
+  }
+  return F<NormKind::none>::run(args...);
+}
+
+template <NormKind K>
+struct StatsPass {
+  static bool run(const TensorTable& table, double p, TensorStatsOut out) {
+    tensor_stats_impl<K>(table, p, out);
+    return true;
+  }
+};
+
+template <NormKind K>
+struct StreamingStatsPass {
+  static bool run(TableSource& source, const TensorTable& table, double p, TensorStatsOut out) {
+    return tensor_stats_streaming_impl<K>(source, table, p, out);
+  }
+};
 
 }  // namespace
 
 void tensor_stats(const TensorTable& table, NormKind kind, double p, TensorStatsOut out) {
-  switch (kind) {
-    case NormKind::none: tensor_stats_impl<NormKind::none>(table, p, out); break;
-    case NormKind::l1: tensor_stats_impl<NormKind::l1>(table, p, out); break;
-    case NormKind::l2: tensor_stats_impl<NormKind::l2>(table, p, out); break;
-    case NormKind::min_abs: tensor_stats_impl<NormKind::min_abs>(table, p, out); break;
-    case NormKind::power: tensor_stats_impl<NormKind::power>(table, p, out); break;
-  }
+  dispatch_kind<StatsPass>(kind, table, p, out);
+}
+
+bool tensor_stats_streaming(TableSource& source, const TensorTable& table, NormKind kind,
+                            double p, TensorStatsOut out) {
+  return dispatch_kind<StreamingStatsPass>(kind, source, table, p, out);
 }
 
 }  // namespace gradkern

@@ -34,6 +34,32 @@ void parallel_for_ranges(const std::int64_t* bounds, std::int64_t n_ranges, cons
   });
 }
 
+// Runs caller_first() and then body() on the calling thread while the other threads run body()
+// alone: for a producer that only the calling thread may run (it reads Python objects) and
+// consumers that start on its output at once. body() must return once the work is done.
+template <class First, class Body>
+void run_with_helpers(const First& caller_first, const Body& body) {
+#ifdef GRADKERN_WITH_OPENMP
+  if (omp_get_max_threads() > 1) {
+#pragma omp parallel
+    {
+      if (omp_get_thread_num() == 0) caller_first();  // the master thread is the caller
+      body();
+    }
+    return;
+  }
+#endif
+  caller_first();
+  body();
+}
+
+// A spin-wait hint: lets the other hardware thread of the core run while this one waits.
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
 inline int max_threads() {
 #ifdef GRADKERN_WITH_OPENMP
   return omp_get_max_threads();

@@ -22,17 +22,28 @@ constexpr int kPrefetchIntoL2 = 1;
 
 // always_inline: GCC's IPA finds a function of nothing but prefetches free of side effects,
 // marks it const and deletes every call to it. Inlined first, the prefetches stay.
+__attribute__((always_inline)) inline void prefetch_bytes(const char* p, std::int64_t bytes) {
+  const std::int64_t lines = bytes < kPrefetchLines * 64 ? (bytes + 63) / 64 : kPrefetchLines;
+  for (std::int64_t line = 0; line < lines; ++line) {
+    __builtin_prefetch(p + 64 * line, 0, kPrefetchIntoL2);
+  }
+}
+
+// The chunk kPrefetchAhead after item i of the plan.
 __attribute__((always_inline)) inline void prefetch_ahead(const TensorTable& table,
                                                           const ChunkPlan& plan, std::int64_t i) {
   if (i + kPrefetchAhead >= static_cast<std::int64_t>(plan.chunks.size())) return;
   const Chunk& c = plan.chunks[i + kPrefetchAhead];
   const int es = element_size(table.dtype[c.tensor]);
-  const auto* p = reinterpret_cast<const char*>(table.data[c.tensor]) + c.begin * es;
-  const std::int64_t bytes = (c.end - c.begin) * es;
-  const std::int64_t lines = bytes < kPrefetchLines * 64 ? (bytes + 63) / 64 : kPrefetchLines;
-  for (std::int64_t line = 0; line < lines; ++line) {
-    __builtin_prefetch(p + 64 * line, 0, kPrefetchIntoL2);
-  }
+  prefetch_bytes(reinterpret_cast<const char*>(table.data[c.tensor]) + c.begin * es,
+                 (c.end - c.begin) * es);
+}
+
+// The start of tensor t.
+__attribute__((always_inline)) inline void prefetch_tensor(const TensorTable& table,
+                                                           std::int64_t t) {
+  prefetch_bytes(reinterpret_cast<const char*>(table.data[t]),
+                 table.numel[t] * element_size(table.dtype[t]));
 }
 
 }  // namespace gradkern
