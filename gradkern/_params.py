@@ -12,6 +12,13 @@ from typing import Union
 
 import torch
 
+from ._table import reader_arguments
+
+try:  # [p.grad for p in params] in one C loop that prefetches each parameter's metadata
+    from ._cpu import read_grads as _read_grads
+except ImportError:
+    _read_grads = None
+
 TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
 
 _get_grad = attrgetter("grad")
@@ -41,6 +48,12 @@ def grads_of(
 ) -> tuple[list[torch.Tensor], list[str] | None]:
     """The ``.grad`` of every parameter that has one, with their names when known."""
     params, names = split_names(parameters, warn_empty_generator)
+    if _read_grads is not None:
+        tensor_type, _, impl_offset = reader_arguments()
+        grads, kept = _read_grads(params, tensor_type, impl_offset)
+        if kept is not None and names is not None:
+            names = [names[i] for i in kept]
+        return grads, names
     grads = list(map(_get_grad, params))
     keep = list(map(is_not, grads, repeat(None)))
     if not all(keep):

@@ -163,6 +163,10 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("dtypes"), py::arg("impl_offset"), py::arg("kind"), py::arg("p"),
         py::arg("power_sum"), py::arg("max_abs"), py::arg("nonfinite"), py::arg("zeros"),
         "read_tensor_table and tensor_stats at once, for CPU tensors: (data, numel, codes, ok).");
+  m.def("read_grads", &gradkern_py::read_grads, py::arg("params"), py::arg("tensor_type"),
+        py::arg("impl_offset"),
+        "(grads, kept): the .grad of each parameter that has one, and their positions (None "
+        "when all have one).");
   m.def("find_impl_offset", &gradkern_py::find_impl_offset, py::arg("probe"),
         py::arg("impl_address"),
         "Byte offset of impl_address (probe._cdata) inside the probe tensor object, or -1.");

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace gradkern_py {
 
@@ -45,6 +46,9 @@ class TensorAttribute {
                                 : dt == &PyMethodDescr_Type;
   }
 
+  const py::str& name() const { return name_; }
+  const py::object& descriptor() const { return descr_; }
+
   // A new reference, or null with a Python error set.
   PyObject* get(PyObject* t) const {
     if (direct_) {
@@ -62,6 +66,21 @@ class TensorAttribute {
   py::object descr_;
   bool direct_ = false;
 };
+
+// Tensors whose metadata is prefetched ahead of the one being read; 4-16 measured the same.
+constexpr Py_ssize_t kAhead = 8;
+
+// A hint, never a read of torch's internals: prefetches the lines of the TensorImpl of t (an
+// object of a tensor type at least impl_offset + 8 bytes large), which torch's getters would
+// otherwise wait for one miss at a time (in a training step the backward pass has long evicted
+// them). impl_offset comes from find_impl_offset; a wrong address costs nothing but the
+// prefetch.
+inline void prefetch_tensor_impl(PyObject* t, Py_ssize_t impl_offset) {
+  constexpr int kImplLines = 4;  // a TensorImpl is about 200 bytes
+  const char* impl;
+  std::memcpy(&impl, reinterpret_cast<const char*>(t) + impl_offset, sizeof impl);
+  for (int line = 0; line < kImplLines; ++line) __builtin_prefetch(impl + 64 * line, 0, 3);
+}
 
 class TensorTableReader {
  public:
@@ -104,17 +123,11 @@ class TensorTableReader {
 
  private:
   static constexpr int kElementSize[4] = {4, 8, 2, 2};
-  static constexpr int kImplLines = 4;     // a TensorImpl is about 200 bytes
-  static constexpr Py_ssize_t kAhead = 8;  // tensors; 4-16 measured the same
 
-  // A hint, never a read of torch's internals: prefetches the lines of t's TensorImpl, which the
-  // getters above would otherwise wait for one miss at a time (in a training step the backward
-  // pass has long evicted them). A wrong address costs nothing but the prefetch.
   void prefetch(PyObject* t) const {
-    if (impl_offset_ < 0 || reinterpret_cast<PyObject*>(Py_TYPE(t)) != tensor_type_) return;
-    const char* impl;
-    std::memcpy(&impl, reinterpret_cast<const char*>(t) + impl_offset_, sizeof impl);
-    for (int line = 0; line < kImplLines; ++line) __builtin_prefetch(impl + 64 * line, 0, 3);
+    if (impl_offset_ >= 0 && reinterpret_cast<PyObject*>(Py_TYPE(t)) == tensor_type_) {
+      prefetch_tensor_impl(t, impl_offset_);
+    }
   }
 
   bool read_or_error(PyObject* t, TableRow& row) const {
@@ -197,6 +210,56 @@ inline py::tuple read_tensor_table(py::sequence tensors, py::handle tensor_type,
     c[i] = row.code;
   }
   return py::make_tuple(data, numel, codes, ok);
+}
+
+// (grads, kept): the `.grad` of each parameter that has one, and the positions of those
+// parameters (None when every one has a gradient). Like [p.grad for p in params] without the
+// interpreter, and with each parameter's metadata prefetched: .grad is a chain of dependent
+// misses per parameter once a training step has evicted them. Raises what `p.grad` raises.
+inline py::tuple read_grads(py::sequence params, py::handle tensor_type, Py_ssize_t impl_offset) {
+  if (!PyType_Check(tensor_type.ptr())) throw py::type_error("tensor_type: expected a type");
+  const py::object fast =
+      py::reinterpret_steal<py::object>(PySequence_Fast(params.ptr(), "expected a sequence"));
+  if (!fast) throw py::error_already_set();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
+  const TensorAttribute grad(tensor_type, "grad", TensorAttribute::kProperty);
+  auto* base = reinterpret_cast<PyTypeObject*>(tensor_type.ptr());
+  // Whether objects of the type last seen are read through torch's own descriptor (any tensor
+  // type that does not override .grad) and may be prefetched; decided once per type.
+  PyTypeObject* seen = nullptr;
+  bool tensor_like = false;
+  auto classify = [&](PyTypeObject* type) {
+    if (type == seen) return tensor_like;
+    seen = type;
+    tensor_like = false;
+    if (type == base || PyType_IsSubtype(type, base)) {
+      PyObject* found = _PyType_Lookup(type, grad.name().ptr());  // borrowed
+      tensor_like = found != nullptr && found == grad.descriptor().ptr();
+    }
+    return tensor_like;
+  };
+  const bool can_prefetch =
+      impl_offset >= 0 && impl_offset + static_cast<Py_ssize_t>(sizeof(void*)) <= base->tp_basicsize;
+  py::list grads;
+  std::vector<Py_ssize_t> kept;
+  kept.reserve(static_cast<std::size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (can_prefetch && i + kAhead < n && classify(Py_TYPE(items[i + kAhead]))) {
+      prefetch_tensor_impl(items[i + kAhead], impl_offset);
+    }
+    PyObject* g = classify(Py_TYPE(items[i])) ? grad.get(items[i])
+                                              : PyObject_GetAttr(items[i], grad.name().ptr());
+    if (g == nullptr) throw py::error_already_set();
+    const py::object owned = py::reinterpret_steal<py::object>(g);
+    if (g == Py_None) continue;
+    if (PyList_Append(grads.ptr(), g) != 0) throw py::error_already_set();
+    kept.push_back(i);
+  }
+  if (static_cast<Py_ssize_t>(kept.size()) == n) return py::make_tuple(grads, py::none());
+  py::list positions(kept.size());
+  for (std::size_t j = 0; j < kept.size(); ++j) positions[j] = py::int_(kept[j]);
+  return py::make_tuple(grads, positions);
 }
 
 }  // namespace gradkern_py

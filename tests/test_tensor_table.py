@@ -136,3 +136,42 @@ def test_a_wrong_impl_offset_costs_speed_not_results():
         data, numel, _, ok = _cpu.read_tensor_table(tensors, torch.Tensor, DTYPES, "is_cpu", -1,
                                                      offset)
         assert ok.all() and data.tolist() == [t.data_ptr() for t in tensors]
+
+
+class GradProperty(torch.Tensor):
+    """A tensor type whose .grad is its own: read through Python, not torch's descriptor."""
+
+    @property
+    def grad(self):
+        return torch.full((2,), 7.0)
+
+
+class Duck:
+    def __init__(self, grad):
+        self.grad = grad
+
+
+def test_read_grads_is_p_grad_for_every_kind_of_parameter():
+    from gradkern import _cpu
+    from gradkern._table import reader_arguments
+
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(20)]
+    for i, p in enumerate(params):
+        if i % 3:
+            p.grad = torch.full((3,), float(i))
+    odd = torch.zeros(2).as_subclass(GradProperty)
+    plain = torch.zeros(4, requires_grad=True)
+    plain.grad = torch.ones(4)
+    items = params + [odd, Duck(torch.ones(5)), Duck(None), plain]
+    tensor_type, _, offset = reader_arguments()
+    grads, kept = _cpu.read_grads(items, tensor_type, offset)
+    expected = [(i, p.grad) for i, p in enumerate(items) if p.grad is not None]
+    assert kept == [i for i, _ in expected]
+    assert len(grads) == len(expected)
+    assert all(g is e or torch.equal(g, e) for g, (_, e) in zip(grads, expected))
+    assert torch.equal(grads[kept.index(20)], torch.full((2,), 7.0))  # the property, not torch's
+
+    all_present = params[1:3]
+    assert _cpu.read_grads(all_present, tensor_type, offset)[1] is None
+    with pytest.raises(AttributeError):
+        _cpu.read_grads([params[1], object()], tensor_type, offset)
