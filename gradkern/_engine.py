@@ -87,20 +87,19 @@ def fused_stats(tensors: list[torch.Tensor], names: Sequence[str] | None,
     return g, raw, torch.from_numpy(ws.numel)
 
 
-def gather_stats(tensors: list[torch.Tensor], names: Sequence[str] | None,
-                 spec: NormSpec) -> tuple[Gathered, RawStats, torch.Tensor]:
+def gather_stats(tensors: list[torch.Tensor], names: Sequence[str] | None, spec: NormSpec, *,
+                 fused_failed: bool = False) -> tuple[Gathered, RawStats, torch.Tensor]:
     """``(gathered, raw, numel)``: :func:`gather` then :func:`tensor_stats`, fused where the
-    backend can. Raises (touching nothing) as :func:`gather` does."""
-    fused = fused_stats(tensors, names, spec)
-    if fused is not None:
-        return fused
-    g = gather(tensors, names, try_dense=not _has_fused_reader(tensors[0].device))
+    backend can. Raises (touching nothing) as :func:`gather` does. ``fused_failed``: the caller
+    already had :func:`fused_stats` return None for these tensors."""
+    if not fused_failed:
+        fused = fused_stats(tensors, names, spec)
+        if fused is not None:
+            return fused
+    # Where the fused reader ran and failed, the plain one would fail the same way.
+    tried = hasattr(backend_for(tensors[0].device), "read_tensor_stats")
+    g = gather(tensors, names, try_dense=not tried)
     return (g, *tensor_stats(g, spec))
-
-
-def _has_fused_reader(device: torch.device) -> bool:
-    """Whether fused_stats already tried (and failed) the one-C-loop reader for this device."""
-    return hasattr(backend_for(device), "read_tensor_stats")
 
 
 def tensor_stats(g: Gathered, spec: NormSpec) -> tuple[RawStats, torch.Tensor]:

@@ -42,7 +42,7 @@ def _norms(
     if fused is None and distributed.any_dtensor(tensors):
         return _dtensor_norms(tensors, names, spec, error_if_nonfinite, group, per_tensor)
     if group is None:
-        g, raw, numel = fused or _engine.gather_stats(tensors, names, spec)
+        g, raw, numel = fused or _engine.gather_stats(tensors, names, spec, fused_failed=True)
         total = _engine.total_norm(raw, numel, spec)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise _nonfinite_error(g, raw, spec)

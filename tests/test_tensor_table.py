@@ -175,3 +175,27 @@ def test_read_grads_is_p_grad_for_every_kind_of_parameter():
     assert _cpu.read_grads(all_present, tensor_type, offset)[1] is None
     with pytest.raises(AttributeError):
         _cpu.read_grads([params[1], object()], tensor_type, offset)
+
+
+def test_grads_of_without_the_compiled_reader_gives_the_same(monkeypatch):
+    from gradkern import _params
+
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(5)]
+    for p in params[::2]:
+        p.grad = torch.ones(2)
+    named = [(f"p{i}", p) for i, p in enumerate(params)]
+    compiled = _params.grads_of(named)
+    monkeypatch.setattr(_params, "_read_grads", None)
+    python = _params.grads_of(named)
+    assert compiled[1] == python[1] == ["p0", "p2", "p4"]
+    assert all(a is b for a, b in zip(compiled[0], python[0])) and len(compiled[0]) == 3
+
+
+def test_device_index_is_checked_through_get_device():
+    # The CUDA path asks for a device index; CPU tensors report -1, so none of them is on
+    # "device 0" (the only part of that path a machine without a GPU can exercise).
+    from gradkern import _cpu
+
+    tensors = [torch.randn(3), torch.randn(2)]
+    assert not _cpu.read_tensor_table(tensors, torch.Tensor, DTYPES, "is_cpu", 0)[3].any()
+    assert _cpu.read_tensor_table(tensors, torch.Tensor, DTYPES, "is_cpu", -1)[3].all()
