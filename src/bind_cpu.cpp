@@ -77,17 +77,15 @@ void py_clip_in_place(const Array<std::uint64_t>& data, const Array<std::int64_t
 // rest of the pass touches no Python object.
 class ListTableSource final : public TableSource {
  public:
-  ListTableSource(const gradkern_py::TensorTableReader& reader, PyObject* const* items,
-                  Py_ssize_t n, std::uint64_t* data, std::int64_t* numel, std::int8_t* codes)
-      : reader_(reader), items_(items), n_(n), data_(data), numel_(numel), codes_(codes) {}
+  ListTableSource(const gradkern_py::TensorTableReader& reader,
+                  const gradkern_py::FastSequence& seq, gradkern_py::TableColumns& table)
+      : reader_(reader), seq_(seq), table_(table) {}
 
   std::int64_t fill(std::int64_t begin, std::int64_t end) override {
     for (std::int64_t i = begin; i < end; ++i) {
       gradkern_py::TableRow row{0, 0, -1};
-      if (!reader_.read_row(items_, n_, i, row)) return i - begin;
-      data_[i] = row.data;
-      numel_[i] = row.numel;
-      codes_[i] = row.code;
+      if (!reader_.read_row(seq_.items, seq_.size, i, row)) return i - begin;
+      table_.set(i, row);
     }
     return end - begin;
   }
@@ -103,11 +101,8 @@ class ListTableSource final : public TableSource {
 
  private:
   const gradkern_py::TensorTableReader& reader_;
-  PyObject* const* items_;
-  Py_ssize_t n_;
-  std::uint64_t* data_;
-  std::int64_t* numel_;
-  std::int8_t* codes_;
+  const gradkern_py::FastSequence& seq_;
+  gradkern_py::TableColumns& table_;
   PyThreadState* released_ = nullptr;
 };
 
@@ -120,25 +115,18 @@ py::tuple py_read_tensor_stats(py::sequence tensors, py::handle tensor_type, py:
                                py::array_t<double> power_sum, py::array_t<double> max_abs,
                                py::array_t<std::int64_t> nonfinite,
                                py::array_t<std::int64_t> zeros) {
-  if (dtypes.size() != 4) throw py::value_error("dtypes: expected the 4 dtypes in code order");
-  if (!PyType_Check(tensor_type.ptr())) throw py::type_error("tensor_type: expected a type");
   if (kind < 0 || kind > 4) throw std::invalid_argument("bad norm kind");
-  const py::object fast =
-      py::reinterpret_steal<py::object>(PySequence_Fast(tensors.ptr(), "expected a sequence"));
-  if (!fast) throw py::error_already_set();
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast.ptr());
+  const gradkern_py::TensorTableReader reader(tensor_type, dtypes, "is_cpu", -1, impl_offset);
+  const gradkern_py::FastSequence seq(tensors);
+  const Py_ssize_t n = seq.size;
   const TensorStatsOut out{writable(power_sum, n, "power_sum"), writable(max_abs, n, "max_abs"),
                            writable(nonfinite, n, "nonfinite"), writable(zeros, n, "zeros")};
-  py::array_t<std::uint64_t> data(n);
-  py::array_t<std::int64_t> numel(n);
-  py::array_t<std::int8_t> codes(n);
-  const gradkern_py::TensorTableReader reader(tensor_type, dtypes, "is_cpu", -1, impl_offset);
-  ListTableSource source(reader, PySequence_Fast_ITEMS(fast.ptr()), n, data.mutable_data(),
-                         numel.mutable_data(), codes.mutable_data());
-  const TensorTable table{data.data(), numel.data(), codes.data(), n};
+  gradkern_py::TableColumns columns(n);
+  ListTableSource source(reader, seq, columns);
+  const TensorTable table{columns.data.data(), columns.numel.data(), columns.codes.data(), n};
   const bool ok = tensor_stats_streaming(source, table, static_cast<NormKind>(kind), p, out);
   source.reacquire_gil();
-  return py::make_tuple(data, numel, codes, ok);
+  return py::make_tuple(columns.data, columns.numel, columns.codes, ok);
 }
 
 }  // namespace

@@ -25,6 +25,45 @@ struct TableRow {
   std::int8_t code;
 };
 
+inline PyObject* checked_type(py::handle tensor_type) {
+  if (!PyType_Check(tensor_type.ptr())) throw py::type_error("tensor_type: expected a type");
+  return tensor_type.ptr();
+}
+
+// The items of a Python sequence as a C array (a list or tuple is used in place).
+struct FastSequence {
+  explicit FastSequence(py::handle seq)
+      : owner(py::reinterpret_steal<py::object>(
+            PySequence_Fast(seq.ptr(), "expected a sequence"))) {
+    if (!owner) throw py::error_already_set();
+    size = PySequence_Fast_GET_SIZE(owner.ptr());
+    items = PySequence_Fast_ITEMS(owner.ptr());
+  }
+  py::object owner;
+  Py_ssize_t size;
+  PyObject** items;
+};
+
+// The three columns of a tensor table, as the arrays handed back to Python.
+struct TableColumns {
+  explicit TableColumns(Py_ssize_t n)
+      : data(n), numel(n), codes(n), data_(data.mutable_data()), numel_(numel.mutable_data()),
+        codes_(codes.mutable_data()) {}
+  void set(Py_ssize_t i, const TableRow& row) {
+    data_[i] = row.data;
+    numel_[i] = row.numel;
+    codes_[i] = row.code;
+  }
+  py::array_t<std::uint64_t> data;
+  py::array_t<std::int64_t> numel;
+  py::array_t<std::int8_t> codes;
+
+ private:
+  std::uint64_t* data_;
+  std::int64_t* numel_;
+  std::int8_t* codes_;
+};
+
 // One attribute of the tensor type, looked up once. Calling torch's descriptor directly skips
 // the lookup that PyObject_GetAttr repeats for every tensor (MRO walk, instance-dict probe,
 // bound-method call): a quarter of the cost per tensor, measured on 10,000 small tensors. Only
@@ -84,6 +123,14 @@ inline void prefetch_tensor_impl(PyObject* t, Py_ssize_t impl_offset) {
   for (int line = 0; line < kImplLines; ++line) __builtin_prefetch(impl + 64 * line, 0, 3);
 }
 
+// impl_offset if a word there lies inside every object of tensor_type, else -1 (no prefetching).
+inline Py_ssize_t usable_impl_offset(py::handle tensor_type, Py_ssize_t impl_offset) {
+  const Py_ssize_t size = reinterpret_cast<PyTypeObject*>(tensor_type.ptr())->tp_basicsize;
+  return impl_offset >= 0 && impl_offset + static_cast<Py_ssize_t>(sizeof(void*)) <= size
+             ? impl_offset
+             : -1;
+}
+
 // Prefetches the object items[i + kObjectAhead], then items[i + kAhead]'s TensorImpl when
 // is_tensor says that object is a tensor whose layout impl_offset describes.
 template <class IsTensor>
@@ -106,18 +153,15 @@ class TensorTableReader {
   // impl_offset: see find_impl_offset (-1: no prefetching).
   TensorTableReader(py::handle tensor_type, py::tuple dtypes, const char* device_flag,
                     int device_index, Py_ssize_t impl_offset)
-      : tensor_type_(tensor_type.ptr()), device_index_(device_index),
-        impl_offset_(impl_offset >= 0 && impl_offset + static_cast<Py_ssize_t>(sizeof(void*)) <=
-                                             reinterpret_cast<PyTypeObject*>(tensor_type.ptr())
-                                                 ->tp_basicsize
-                         ? impl_offset
-                         : -1),
+      : tensor_type_(checked_type(tensor_type)), device_index_(device_index),
+        impl_offset_(usable_impl_offset(tensor_type, impl_offset)),
         dtype_(tensor_type, "dtype", TensorAttribute::kProperty),
         on_device_(tensor_type, device_flag, TensorAttribute::kProperty),
         get_device_(tensor_type, "get_device", TensorAttribute::kMethod),
         is_contiguous_(tensor_type, "is_contiguous", TensorAttribute::kMethod),
         data_ptr_(tensor_type, "data_ptr", TensorAttribute::kMethod),
         nbytes_(tensor_type, "nbytes", TensorAttribute::kProperty) {
+    if (dtypes.size() != 4) throw py::value_error("dtypes: expected the 4 dtypes in code order");
     for (int i = 0; i < 4; ++i) dtypes_[i] = dtypes[i].ptr();
   }
 
@@ -139,7 +183,6 @@ class TensorTableReader {
 
  private:
   static constexpr int kElementSize[4] = {4, 8, 2, 2};
-
 
   bool read_or_error(PyObject* t, TableRow& row) const {
     if (reinterpret_cast<PyObject*>(Py_TYPE(t)) != tensor_type_) return false;
@@ -197,30 +240,16 @@ inline Py_ssize_t find_impl_offset(py::handle probe, std::uintptr_t impl_address
 inline py::tuple read_tensor_table(py::sequence tensors, py::handle tensor_type,
                                    py::tuple dtypes, const char* device_flag, int device_index,
                                    Py_ssize_t impl_offset) {
-  if (dtypes.size() != 4) throw py::value_error("dtypes: expected the 4 dtypes in code order");
-  if (!PyType_Check(tensor_type.ptr())) throw py::type_error("tensor_type: expected a type");
   const TensorTableReader reader(tensor_type, dtypes, device_flag, device_index, impl_offset);
-  const py::object fast =
-      py::reinterpret_steal<py::object>(PySequence_Fast(tensors.ptr(), "expected a sequence"));
-  if (!fast) throw py::error_already_set();
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast.ptr());
-  PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
-  py::array_t<std::uint64_t> data(n);
-  py::array_t<std::int64_t> numel(n);
-  py::array_t<std::int8_t> codes(n);
-  py::array_t<bool> ok(n);
-  auto* d = data.mutable_data();
-  auto* m = numel.mutable_data();
-  auto* c = codes.mutable_data();
-  auto* k = ok.mutable_data();
-  for (Py_ssize_t i = 0; i < n; ++i) {
+  const FastSequence seq(tensors);
+  TableColumns table(seq.size);
+  py::array_t<bool> ok(seq.size);
+  for (Py_ssize_t i = 0; i < seq.size; ++i) {
     TableRow row{0, 0, -1};
-    k[i] = reader.read_row(items, n, i, row);
-    d[i] = row.data;
-    m[i] = row.numel;
-    c[i] = row.code;
+    ok.mutable_data()[i] = reader.read_row(seq.items, seq.size, i, row);
+    table.set(i, row);
   }
-  return py::make_tuple(data, numel, codes, ok);
+  return py::make_tuple(table.data, table.numel, table.codes, ok);
 }
 
 // (grads, kept): the `.grad` of each parameter that has one, and the positions of those
@@ -228,14 +257,11 @@ inline py::tuple read_tensor_table(py::sequence tensors, py::handle tensor_type,
 // interpreter, and with each parameter's metadata prefetched: .grad is a chain of dependent
 // misses per parameter once a training step has evicted them. Raises what `p.grad` raises.
 inline py::tuple read_grads(py::sequence params, py::handle tensor_type, Py_ssize_t impl_offset) {
-  if (!PyType_Check(tensor_type.ptr())) throw py::type_error("tensor_type: expected a type");
-  const py::object fast =
-      py::reinterpret_steal<py::object>(PySequence_Fast(params.ptr(), "expected a sequence"));
-  if (!fast) throw py::error_already_set();
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast.ptr());
-  PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
+  auto* base = reinterpret_cast<PyTypeObject*>(checked_type(tensor_type));
+  const FastSequence seq(params);
+  const Py_ssize_t n = seq.size;
+  PyObject* const* items = seq.items;
   const TensorAttribute grad(tensor_type, "grad", TensorAttribute::kProperty);
-  auto* base = reinterpret_cast<PyTypeObject*>(tensor_type.ptr());
   // Whether objects of the type last seen are read through torch's own descriptor (any tensor
   // type that does not override .grad) and may be prefetched; decided once per type.
   PyTypeObject* seen = nullptr;
@@ -250,14 +276,12 @@ inline py::tuple read_grads(py::sequence params, py::handle tensor_type, Py_ssiz
     }
     return tensor_like;
   };
-  const bool can_prefetch =
-      impl_offset >= 0 && impl_offset + static_cast<Py_ssize_t>(sizeof(void*)) <= base->tp_basicsize;
+  impl_offset = usable_impl_offset(tensor_type, impl_offset);
   py::list grads;
   std::vector<Py_ssize_t> kept;
   kept.reserve(static_cast<std::size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
-    prefetch_ahead(items, n, i, can_prefetch ? impl_offset : -1,
-                   [&](PyObject* p) { return classify(Py_TYPE(p)); });
+    prefetch_ahead(items, n, i, impl_offset, [&](PyObject* p) { return classify(Py_TYPE(p)); });
     PyObject* g = classify(Py_TYPE(items[i])) ? grad.get(items[i])
                                               : PyObject_GetAttr(items[i], grad.name().ptr());
     if (g == nullptr) throw py::error_already_set();

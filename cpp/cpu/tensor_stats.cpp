@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "gradkern/element_access.h"
@@ -262,42 +263,30 @@ bool tensor_stats_streaming_impl(TableSource& source, const TensorTable& table, 
   return true;
 }
 
-template <template <NormKind> class F, class... Args>
-auto dispatch_kind(NormKind kind, Args&&... args) {
+// Calls fn(std::integral_constant<NormKind, K>{}) for the K that kind names.
+template <class Fn>
+auto with_kind(NormKind kind, const Fn& fn) {
   switch (kind) {
-    case NormKind::l1: return F<NormKind::l1>::run(args...);
-    case NormKind::l2: return F<NormKind::l2>::run(args...);
-    case NormKind::min_abs: return F<NormKind::min_abs>::run(args...);
-    case NormKind::power: return F<NormKind::power>::run(args...);
+    case NormKind::l1: return fn(std::integral_constant<NormKind, NormKind::l1>{});
+    case NormKind::l2: return fn(std::integral_constant<NormKind, NormKind::l2>{});
+    case NormKind::min_abs: return fn(std::integral_constant<NormKind, NormKind::min_abs>{});
+    case NormKind::power: return fn(std::integral_constant<NormKind, NormKind::power>{});
     case NormKind::none: break;
   }
-  return F<NormKind::none>::run(args...);
+  return fn(std::integral_constant<NormKind, NormKind::none>{});
 }
-
-template <NormKind K>
-struct StatsPass {
-  static bool run(const TensorTable& table, double p, TensorStatsOut out) {
-    tensor_stats_impl<K>(table, p, out);
-    return true;
-  }
-};
-
-template <NormKind K>
-struct StreamingStatsPass {
-  static bool run(TableSource& source, const TensorTable& table, double p, TensorStatsOut out) {
-    return tensor_stats_streaming_impl<K>(source, table, p, out);
-  }
-};
 
 }  // namespace
 
 void tensor_stats(const TensorTable& table, NormKind kind, double p, TensorStatsOut out) {
-  dispatch_kind<StatsPass>(kind, table, p, out);
+  with_kind(kind, [&](auto k) { tensor_stats_impl<decltype(k)::value>(table, p, out); });
 }
 
 bool tensor_stats_streaming(TableSource& source, const TensorTable& table, NormKind kind,
                             double p, TensorStatsOut out) {
-  return dispatch_kind<StreamingStatsPass>(kind, source, table, p, out);
+  return with_kind(kind, [&](auto k) {
+    return tensor_stats_streaming_impl<decltype(k)::value>(source, table, p, out);
+  });
 }
 
 }  // namespace gradkern
