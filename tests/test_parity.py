@@ -104,6 +104,30 @@ def test_clip_grad_value_is_bitwise_torch(backend, dtype, clip_value):
         assert torch.equal(a.grad.isnan(), b.grad.isnan())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1024, 3 * 1024 + 17, 65_536 + 1_000])
+def test_clip_grad_value_sparse_outliers_at_block_and_group_edges(backend, dtype, n):
+    # The compiled clamp flags 16-element blocks in groups of 64 and rewrites only flagged
+    # blocks: put outliers on the first and last element of blocks and groups, in the tail, and
+    # blocks that hold only a NaN, -0 or an inf.
+    grad = (torch.rand(n, generator=torch.Generator().manual_seed(n)) - 0.5).to(dtype)
+    n_main = n - n % 16
+    for i in [0, 15, 16, 1023, 1024, 1025, 2047, n_main - 1, n - 1]:
+        if i < n:
+            grad[i] = 3.0 if i % 2 else -3.0
+    for i, v in [(100, float("nan")), (300, -0.0), (500, float("inf")), (700, -float("inf")),
+                 (n - 2, float("nan"))]:
+        grad[i] = v
+    mine, theirs = torch.nn.Parameter(torch.zeros(n, dtype=dtype)), grad.clone()
+    mine.grad = grad.clone()
+    gk.clip_grad_value_([mine], 1.0)
+    theirs.clamp_(-1.0, 1.0)
+    assert torch.equal(mine.grad.nan_to_num(7.0), theirs.nan_to_num(7.0))
+    assert torch.equal(mine.grad.isnan(), theirs.isnan())
+    numbers = ~theirs.isnan()  # torch's bf16 clamp turns NaN into a NaN with the sign bit set
+    assert torch.equal(mine.grad[numbers].signbit(), theirs[numbers].signbit())  # -0 stays -0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_clip_per_tensor_then_value(backend, dtype):
     params = make_params([(10,), (1000,), (5, 5)], dtype, seed=5, scale=3.0)
