@@ -1,7 +1,11 @@
 """Inputs where torch fails or where a careless kernel would be wrong."""
 
 import math
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,3 +136,36 @@ def test_mixed_devices_and_meta_fall_back_to_torch():
     t = torch.ones(4, device="meta")
     # The meta device has no data; the torch backend still computes symbolically.
     assert gk.get_total_norm([t]).device.type == "meta"
+
+
+_READ_ONLY_CLAMP = """
+import mmap, sys, warnings
+import numpy as np, torch
+import gradkern as gk
+with open(sys.argv[1], "rb") as f:
+    pages = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)  # a store here is a SIGSEGV
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # "the given NumPy array is not writable"
+    grad = torch.from_numpy(np.frombuffer(pages, dtype=np.float32))
+p = torch.nn.Parameter(torch.zeros(grad.shape))
+p.grad = grad
+gk.clip_grad_value_([p], 1.0)
+print(gk.get_backend(), int(grad.isnan().sum()))
+"""
+
+
+@pytest.mark.parametrize("name", ["cpp", "numba"])
+def test_clip_value_that_changes_nothing_writes_nothing(name, tmp_path):
+    # Read-only pages make any store fatal, even of an unchanged value. The clamp flags blocks
+    # that hold a NaN (its fast test cannot tell NaN from an outlier); it must not store them.
+    if not gk.backends()[name].usable:
+        pytest.skip(f"backend {name!r} not usable here")
+    values = (torch.rand(4096 + 7, generator=torch.Generator().manual_seed(0)) - 0.5).numpy()
+    values[[5, 100, 2000, 4100]] = np.nan
+    path = tmp_path / "grad.bin"
+    path.write_bytes(values.tobytes())
+    out = subprocess.run([sys.executable, "-c", _READ_ONLY_CLAMP, str(path)], cwd=tmp_path,
+                         env={**os.environ, "GRADKERN_BACKEND": name}, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [name, "4"]
