@@ -49,8 +49,8 @@ def grads_of(
     """The ``.grad`` of every parameter that has one, with their names when known."""
     params, names = split_names(parameters, warn_empty_generator)
     if _read_grads is not None:
-        tensor_type, _, impl_offset = reader_arguments()
-        grads, kept = _read_grads(params, tensor_type, impl_offset)
+        tensor_type, _, layout = reader_arguments()
+        grads, kept = _read_grads(params, tensor_type, layout)
         if kept is not None and names is not None:
             names = [names[i] for i in kept]
         return grads, names

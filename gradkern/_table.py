@@ -29,24 +29,19 @@ _DTYPES_BY_CODE = tuple(DTYPE_CODES)  # dict order is code order
 _get_dtype = attrgetter("dtype")
 
 try:  # the table reader lives in the C++ module; without it the Python path below does the work
-    from ._cpu import find_impl_offset as _find_impl_offset
+    from . import _cpu
     from ._cpu import read_tensor_table as _read_tensor_table
 except ImportError:
+    _cpu = None
     _read_tensor_table = None
 
+if _cpu is not None:
+    from ._torch_layout import find_layout
 
-def _impl_offset() -> int:
-    """Where a tensor object keeps its TensorImpl pointer, which the reader prefetches through
-    (-1: unknown, no prefetching). ``_cdata`` is that pointer; a torch without it only loses
-    the prefetch."""
-    probe = torch.empty(1)
-    try:
-        return _find_impl_offset(probe, int(probe._cdata))
-    except (AttributeError, TypeError, ValueError, OverflowError):
-        return -1
-
-
-_IMPL_OFFSET = -1 if _read_tensor_table is None else _impl_offset()
+    # Where torch keeps each tensor's metadata, and how the C readers get it: see _torch_layout.
+    _LAYOUT, READER = find_layout(_cpu)
+else:
+    _LAYOUT, READER = None, "Python (the C++ module is not built)"
 
 
 def describe(i: int, names: Sequence[str] | None) -> str:
@@ -95,10 +90,10 @@ def result_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
     return reduce(torch.promote_types, sorted(dtypes, key=str))
 
 
-def reader_arguments() -> tuple[type, tuple[torch.dtype, ...], int]:
+def reader_arguments() -> tuple[type, tuple[torch.dtype, ...], object]:
     """What the C table readers take to recognise a plain tensor: the tensor type, the dtypes in
-    code order, and the TensorImpl offset they prefetch through."""
-    return torch.Tensor, _DTYPES_BY_CODE, _IMPL_OFFSET
+    code order, and the ``_cpu.TorchLayout`` they prefetch through (and read CPU rows with)."""
+    return torch.Tensor, _DTYPES_BY_CODE, _LAYOUT
 
 
 def read_dense_table(tensors: list[torch.Tensor], device: torch.device) -> WorkSet | None:
@@ -111,9 +106,8 @@ def read_dense_table(tensors: list[torch.Tensor], device: torch.device) -> WorkS
     if _read_tensor_table is None or device.type not in ("cpu", "cuda"):
         return None
     flag, index = ("is_cpu", -1) if device.type == "cpu" else ("is_cuda", device.index)
-    tensor_type, dtypes, impl_offset = reader_arguments()
-    data, numel, codes, ok = _read_tensor_table(tensors, tensor_type, dtypes, flag, index,
-                                                impl_offset)
+    tensor_type, dtypes, layout = reader_arguments()
+    data, numel, codes, ok = _read_tensor_table(tensors, tensor_type, dtypes, flag, index, layout)
     if not ok.all():
         return None
     return WorkSet(list(tensors), codes, numel, addresses=data)

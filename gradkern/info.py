@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from . import __version__
+from . import __version__, _table
 from .backends import backends, cpp, cuda
 
 
@@ -20,6 +20,7 @@ def build_report() -> dict:
         "machine": platform.machine(),
         "cpu_build": None if cpp._cpu is None else dict(cpp._cpu.build_info()),
         "cuda_build": cuda.runtime_info(),
+        "table_reader": _table.READER,
         "backends": {name: vars(info) for name, info in backends().items()},
     }
     return report
@@ -38,6 +39,7 @@ def print_info() -> None:
               f" running {cpu['active_isa']}")
     else:
         print("CPU module : not built")
+    print(f"table rows : {r['table_reader']}")
     cu = r["cuda_build"]
     if cu:
         print(f"CUDA module: runtime {cu['runtime_version']}, archs {cu['archs']}, "

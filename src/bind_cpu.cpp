@@ -5,10 +5,12 @@
 
 #include <cmath>
 #include <stdexcept>
+#include <string>
 
 #include "gradkern/build_info.h"
 #include "gradkern/ops.h"
 #include "python_tensor_table.h"
+#include "torch_layout.h"
 
 namespace py = pybind11;
 using namespace gradkern;
@@ -111,12 +113,12 @@ class ListTableSource final : public TableSource {
 // the later ones are still being read. ok is False (and the statistics meaningless) unless every
 // tensor is one the table reader accepts.
 py::tuple py_read_tensor_stats(py::sequence tensors, py::handle tensor_type, py::tuple dtypes,
-                               Py_ssize_t impl_offset, int kind, double p,
+                               const gradkern_py::TorchLayout& layout, int kind, double p,
                                py::array_t<double> power_sum, py::array_t<double> max_abs,
                                py::array_t<std::int64_t> nonfinite,
                                py::array_t<std::int64_t> zeros) {
   if (kind < 0 || kind > 4) throw std::invalid_argument("bad norm kind");
-  const gradkern_py::TensorTableReader reader(tensor_type, dtypes, "is_cpu", -1, impl_offset);
+  const gradkern_py::TensorTableReader reader(tensor_type, dtypes, "is_cpu", -1, layout);
   const gradkern_py::FastSequence seq(tensors);
   const Py_ssize_t n = seq.size;
   const TensorStatsOut out{writable(power_sum, n, "power_sum"), writable(max_abs, n, "max_abs"),
@@ -127,6 +129,57 @@ py::tuple py_read_tensor_stats(py::sequence tensors, py::handle tensor_type, py:
   const bool ok = tensor_stats_streaming(source, table, static_cast<NormKind>(kind), p, out);
   source.reacquire_gil();
   return py::make_tuple(columns.data, columns.numel, columns.codes, ok);
+}
+
+
+// The layout of objects of tensor_type: impl (torch's `_cdata` offset in the object, -1 unknown)
+// and, when `direct` is a dict of the fields gradkern/_torch_layout.py found, direct reads.
+// Checks that every offset lies where the fields it names can be: the TensorImpl fields before
+// its dispatch key set (torch's last member), the StorageImpl fields in its first 256 bytes.
+gradkern_py::TorchLayout make_torch_layout(py::handle tensor_type, Py_ssize_t impl,
+                                           const py::object& direct) {
+  gradkern_py::TorchLayout layout;
+  layout.tensor_type = gradkern_py::checked_type(tensor_type);
+  const Py_ssize_t object_size = reinterpret_cast<PyTypeObject*>(tensor_type.ptr())->tp_basicsize;
+  const bool impl_fits = impl >= static_cast<Py_ssize_t>(sizeof(PyObject)) &&
+                         impl % static_cast<Py_ssize_t>(sizeof(void*)) == 0 &&
+                         impl + static_cast<Py_ssize_t>(sizeof(void*)) <= object_size;
+  layout.impl = impl_fits ? impl : -1;
+  if (direct.is_none()) return layout;
+  if (!impl_fits) throw py::value_error("direct reads need the TensorImpl offset");
+  const auto fields = direct.cast<py::dict>();
+  auto get = [&](const char* name) {
+    if (!fields.contains(name)) throw py::value_error(std::string("missing field ") + name);
+    return fields[name].cast<std::uint64_t>();
+  };
+  auto offset = [&](const char* name, Py_ssize_t align, Py_ssize_t end) {
+    const auto at = static_cast<Py_ssize_t>(get(name));
+    if (at < 8 || at % align != 0 || at + align > end) {
+      throw py::value_error(std::string("implausible offset for ") + name);
+    }
+    return at;
+  };
+  constexpr Py_ssize_t kImplLimit = 512, kStorageLimit = 256;
+  layout.vtable = get("vtable");
+  layout.key_set = get("key_set");
+  layout.key_set_at = offset("key_set_at", 8, kImplLimit);
+  const Py_ssize_t key_set_end = layout.key_set_at;
+  layout.storage_at = offset("storage_at", 8, key_set_end);
+  layout.storage_offset_at = offset("storage_offset_at", 8, key_set_end);
+  layout.numel_at = offset("numel_at", 8, key_set_end);
+  layout.dtype_at = offset("dtype_at", 2, key_set_end);
+  layout.contiguous_byte = offset("contiguous_byte", 1, key_set_end);
+  layout.contiguous_mask = static_cast<std::uint8_t>(get("contiguous_mask"));
+  layout.data_at = offset("data_at", 8, kStorageLimit);
+  layout.nbytes_at = offset("nbytes_at", 8, kStorageLimit);
+  layout.checks_at = offset("checks_at", 8, kStorageLimit);
+  layout.checks_mask = get("checks_mask");
+  const unsigned mask = layout.contiguous_mask;
+  if (mask == 0 || (mask & (mask - 1)) != 0 || layout.checks_mask == 0) {
+    throw py::value_error("contiguous_mask must be one bit and checks_mask not empty");
+  }
+  layout.direct = true;
+  return layout;
 }
 
 }  // namespace
@@ -141,23 +194,46 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("clip_in_place", &py_clip_in_place, py::arg("data"), py::arg("numel"), py::arg("dtype"),
         py::arg("coef"), py::arg("clip_value"),
         "Scale each tensor by its coefficient when < 1, then clamp to +-clip_value.");
+  using gradkern_py::TorchLayout;
+  py::class_<TorchLayout>(m, "TorchLayout",
+                          "Where torch keeps a tensor's metadata (see gradkern/_torch_layout.py).")
+      .def(py::init(&make_torch_layout), py::arg("tensor_type"), py::arg("impl"),
+           py::arg("direct") = py::none(), py::keep_alive<1, 2>(),
+           "impl: the TensorImpl pointer's offset in the tensor object (-1: unknown). direct: "
+           "the offsets that let CPU rows be read without torch's getters, or None.")
+      .def_readonly("impl", &TorchLayout::impl)
+      .def_readonly("direct", &TorchLayout::direct)
+      .def(
+          "read",
+          [](const TorchLayout& layout, py::handle t) -> py::object {
+            gradkern_py::TableRow row{0, 0, -1};
+            if (!layout.read(t.ptr(), row)) return py::none();
+            return py::make_tuple(row.data, row.numel, row.code);
+          },
+          py::arg("tensor"),
+          "(data, numel, code) read directly from torch's objects, or None where the tensor "
+          "does not qualify (the table readers then ask torch's getters).");
   m.def("read_tensor_table", &gradkern_py::read_tensor_table, py::arg("tensors"),
         py::arg("tensor_type"), py::arg("dtypes"), py::arg("device_flag"),
-        py::arg("device_index"), py::arg("impl_offset") = -1,
+        py::arg("device_index"), py::arg("layout") = TorchLayout{},
         "(data, numel, codes, ok) of a list of torch tensors, read in one C loop; ok is False "
-        "where a tensor needs the general Python path. impl_offset (from find_impl_offset) "
-        "lets the loop prefetch each tensor's metadata; -1 turns that off.");
+        "where a tensor needs the general Python path. layout lets the loop prefetch each "
+        "tensor's metadata and read CPU rows directly.");
   m.def("read_tensor_stats", &py_read_tensor_stats, py::arg("tensors"), py::arg("tensor_type"),
-        py::arg("dtypes"), py::arg("impl_offset"), py::arg("kind"), py::arg("p"),
+        py::arg("dtypes"), py::arg("layout"), py::arg("kind"), py::arg("p"),
         py::arg("power_sum"), py::arg("max_abs"), py::arg("nonfinite"), py::arg("zeros"),
         "read_tensor_table and tensor_stats at once, for CPU tensors: (data, numel, codes, ok).");
   m.def("read_grads", &gradkern_py::read_grads, py::arg("params"), py::arg("tensor_type"),
-        py::arg("impl_offset"),
+        py::arg("layout"),
         "(grads, kept): the .grad of each parameter that has one, and their positions (None "
         "when all have one).");
-  m.def("find_impl_offset", &gradkern_py::find_impl_offset, py::arg("probe"),
-        py::arg("impl_address"),
-        "Byte offset of impl_address (probe._cdata) inside the probe tensor object, or -1.");
+  m.def(
+      "find_impl_offset",
+      [](py::handle probe, std::uintptr_t impl_address) {
+        return gradkern_py::find_impl_offset(probe.ptr(), impl_address);
+      },
+      py::arg("probe"), py::arg("impl_address"),
+      "Byte offset of impl_address (probe._cdata) inside the probe tensor object, or -1.");
   m.def("build_info", [] {
     const BuildInfo b = build_info();
     py::dict d;

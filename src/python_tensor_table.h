@@ -1,11 +1,12 @@
 // Reading the tensor table (address, element count, dtype code) straight from a Python list of
 // torch tensors, in one C loop.
 //
-// The extension does not link libtorch (DESIGN §3), so this goes through the Python C API: each
-// attribute costs what torch's own getter costs, but none of the interpreter's per-item
-// overhead, which for 10,000 small gradients is most of the time. Anything unusual (a tensor
-// subclass, another device, a non-contiguous or sparse tensor, an unknown dtype, any error) is
-// reported as "not ok" and left to the Python path, which handles or rejects it properly.
+// A plain CPU tensor's row is read from torch's own objects where gradkern found their layout at
+// import (torch_layout.h). Every other tensor, and every tensor when that layout is unknown, goes
+// through torch's getters via the Python C API (the extension does not link libtorch, DESIGN §3):
+// each costs what torch's getter costs, but none of the interpreter's per-item overhead. Anything
+// unusual (a tensor subclass, another device, a non-contiguous or sparse tensor, an unknown dtype,
+// any error) is reported as "not ok" and left to the Python path, which handles or rejects it.
 #pragma once
 
 #include <pybind11/numpy.h>
@@ -15,15 +16,11 @@
 #include <cstring>
 #include <vector>
 
+#include "torch_layout.h"
+
 namespace gradkern_py {
 
 namespace py = pybind11;
-
-struct TableRow {
-  std::uint64_t data;
-  std::int64_t numel;
-  std::int8_t code;
-};
 
 inline PyObject* checked_type(py::handle tensor_type) {
   if (!PyType_Check(tensor_type.ptr())) throw py::type_error("tensor_type: expected a type");
@@ -106,55 +103,14 @@ class TensorAttribute {
   bool direct_ = false;
 };
 
-// Prefetch distances, in list items: the Python object first, then (once its line has arrived)
-// the TensorImpl it points to. 4-16 for the TensorImpl measured the same.
-constexpr Py_ssize_t kAhead = 8;
-constexpr Py_ssize_t kObjectAhead = 2 * kAhead;
-
-// A hint, never a read of torch's internals: prefetches the lines of the TensorImpl of t (an
-// object of a tensor type at least impl_offset + 8 bytes large), which torch's getters would
-// otherwise wait for one miss at a time (in a training step the backward pass has long evicted
-// them). impl_offset comes from find_impl_offset; a wrong address costs nothing but the
-// prefetch.
-inline void prefetch_tensor_impl(PyObject* t, Py_ssize_t impl_offset) {
-  constexpr int kImplLines = 4;  // a TensorImpl is about 200 bytes
-  const char* impl;
-  std::memcpy(&impl, reinterpret_cast<const char*>(t) + impl_offset, sizeof impl);
-  for (int line = 0; line < kImplLines; ++line) __builtin_prefetch(impl + 64 * line, 0, 3);
-}
-
-// impl_offset if a word there lies inside every object of tensor_type, else -1 (no prefetching).
-inline Py_ssize_t usable_impl_offset(py::handle tensor_type, Py_ssize_t impl_offset) {
-  const Py_ssize_t size = reinterpret_cast<PyTypeObject*>(tensor_type.ptr())->tp_basicsize;
-  return impl_offset >= 0 && impl_offset + static_cast<Py_ssize_t>(sizeof(void*)) <= size
-             ? impl_offset
-             : -1;
-}
-
-// Prefetches the object items[i + kObjectAhead], then items[i + kAhead]'s TensorImpl when
-// is_tensor says that object is a tensor whose layout impl_offset describes.
-template <class IsTensor>
-inline void prefetch_ahead(PyObject* const* items, Py_ssize_t n, Py_ssize_t i,
-                           Py_ssize_t impl_offset, const IsTensor& is_tensor) {
-  if (impl_offset < 0) return;
-  if (i == 0) {
-    for (Py_ssize_t j = 0; j < n && j < kObjectAhead; ++j) __builtin_prefetch(items[j], 0, 3);
-  }
-  if (i + kObjectAhead < n) __builtin_prefetch(items[i + kObjectAhead], 0, 3);
-  if (i + kAhead < n && is_tensor(items[i + kAhead])) {
-    prefetch_tensor_impl(items[i + kAhead], impl_offset);
-  }
-}
-
 class TensorTableReader {
  public:
   // dtypes: the torch dtype objects in DType code order (f32, f64, f16, bf16).
   // device_flag: "is_cpu" or "is_cuda"; device_index: the CUDA device, or -1.
-  // impl_offset: see find_impl_offset (-1: no prefetching).
+  // layout: where torch keeps the fields (for prefetching, and for reading CPU rows directly).
   TensorTableReader(py::handle tensor_type, py::tuple dtypes, const char* device_flag,
-                    int device_index, Py_ssize_t impl_offset)
-      : tensor_type_(checked_type(tensor_type)), device_index_(device_index),
-        impl_offset_(usable_impl_offset(tensor_type, impl_offset)),
+                    int device_index, const TorchLayout& layout)
+      : tensor_type_(checked_type(tensor_type)), device_index_(device_index), layout_(layout),
         dtype_(tensor_type, "dtype", TensorAttribute::kProperty),
         on_device_(tensor_type, device_flag, TensorAttribute::kProperty),
         get_device_(tensor_type, "get_device", TensorAttribute::kMethod),
@@ -163,11 +119,16 @@ class TensorTableReader {
         nbytes_(tensor_type, "nbytes", TensorAttribute::kProperty) {
     if (dtypes.size() != 4) throw py::value_error("dtypes: expected the 4 dtypes in code order");
     for (int i = 0; i < 4; ++i) dtypes_[i] = dtypes[i].ptr();
+    // The layout describes objects of its own tensor type, and the direct read knows CPU
+    // tensors only (which have no device index).
+    if (layout_.tensor_type != tensor_type_) layout_ = TorchLayout{};
+    if (std::strcmp(device_flag, "is_cpu") != 0 || device_index >= 0) layout_.direct = false;
   }
 
   // Fills row and returns true when t is a plain, contiguous, dense tensor of a known dtype on
   // the expected device. Never raises: a Python error means "take the general path".
   bool read(PyObject* t, TableRow& row) const {
+    if (layout_.read(t, row)) return true;
     const bool ok = read_or_error(t, row);
     if (!ok && PyErr_Occurred()) PyErr_Clear();
     return ok;
@@ -175,15 +136,13 @@ class TensorTableReader {
 
   // Row i of items (n of them), prefetching the metadata of the rows ahead.
   bool read_row(PyObject* const* items, Py_ssize_t n, Py_ssize_t i, TableRow& row) const {
-    prefetch_ahead(items, n, i, impl_offset_, [this](PyObject* t) {
+    prefetch_ahead(items, n, i, layout_, [this](PyObject* t) {
       return reinterpret_cast<PyObject*>(Py_TYPE(t)) == tensor_type_;
     });
     return read(items[i], row);
   }
 
  private:
-  static constexpr int kElementSize[4] = {4, 8, 2, 2};
-
   bool read_or_error(PyObject* t, TableRow& row) const {
     if (reinterpret_cast<PyObject*>(Py_TYPE(t)) != tensor_type_) return false;
     {
@@ -215,32 +174,15 @@ class TensorTableReader {
   PyObject* tensor_type_;
   PyObject* dtypes_[4];
   int device_index_;
-  Py_ssize_t impl_offset_;
+  TorchLayout layout_;
   TensorAttribute dtype_, on_device_, get_device_, is_contiguous_, data_ptr_, nbytes_;
 };
-
-// Where an exact tensor object holds its TensorImpl pointer: the byte offset of the word equal
-// to impl_address (torch's `probe._cdata`) inside the probe object, or -1 if there is none. Only
-// ever used to prefetch, so a torch that lays its objects out differently loses speed, nothing
-// else.
-inline Py_ssize_t find_impl_offset(py::handle probe, std::uintptr_t impl_address) {
-  const Py_ssize_t size = Py_TYPE(probe.ptr())->tp_basicsize;
-  const auto* bytes = reinterpret_cast<const char*>(probe.ptr());
-  for (Py_ssize_t off = sizeof(PyObject); off + static_cast<Py_ssize_t>(sizeof(std::uintptr_t)) <=
-                                          size;
-       off += sizeof(std::uintptr_t)) {
-    std::uintptr_t word;
-    std::memcpy(&word, bytes + off, sizeof word);
-    if (word == impl_address) return off;
-  }
-  return -1;
-}
 
 // (data, numel, codes, ok): one row per tensor; rows with ok == False hold garbage.
 inline py::tuple read_tensor_table(py::sequence tensors, py::handle tensor_type,
                                    py::tuple dtypes, const char* device_flag, int device_index,
-                                   Py_ssize_t impl_offset) {
-  const TensorTableReader reader(tensor_type, dtypes, device_flag, device_index, impl_offset);
+                                   const TorchLayout& layout) {
+  const TensorTableReader reader(tensor_type, dtypes, device_flag, device_index, layout);
   const FastSequence seq(tensors);
   TableColumns table(seq.size);
   py::array_t<bool> ok(seq.size);
@@ -256,7 +198,8 @@ inline py::tuple read_tensor_table(py::sequence tensors, py::handle tensor_type,
 // parameters (None when every one has a gradient). Like [p.grad for p in params] without the
 // interpreter, and with each parameter's metadata prefetched: .grad is a chain of dependent
 // misses per parameter once a training step has evicted them. Raises what `p.grad` raises.
-inline py::tuple read_grads(py::sequence params, py::handle tensor_type, Py_ssize_t impl_offset) {
+inline py::tuple read_grads(py::sequence params, py::handle tensor_type,
+                            const TorchLayout& layout) {
   auto* base = reinterpret_cast<PyTypeObject*>(checked_type(tensor_type));
   const FastSequence seq(params);
   const Py_ssize_t n = seq.size;
@@ -276,12 +219,15 @@ inline py::tuple read_grads(py::sequence params, py::handle tensor_type, Py_ssiz
     }
     return tensor_like;
   };
-  impl_offset = usable_impl_offset(tensor_type, impl_offset);
+  // Parameters are of tensor_type or its subclasses, so the offset into the object holds; their
+  // own storage is never read.
+  TorchLayout prefetch = layout.tensor_type == tensor_type.ptr() ? layout : TorchLayout{};
+  prefetch.direct = false;
   py::list grads;
   std::vector<Py_ssize_t> kept;
   kept.reserve(static_cast<std::size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
-    prefetch_ahead(items, n, i, impl_offset, [&](PyObject* p) { return classify(Py_TYPE(p)); });
+    prefetch_ahead(items, n, i, prefetch, [&](PyObject* p) { return classify(Py_TYPE(p)); });
     PyObject* g = classify(Py_TYPE(items[i])) ? grad.get(items[i])
                                               : PyObject_GetAttr(items[i], grad.name().ptr());
     if (g == nullptr) throw py::error_already_set();

@@ -10,19 +10,23 @@ pytestmark = pytest.mark.skipif(not gk.backends()["cpp"].usable, reason="needs g
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def read(tensors):
+def read(tensors, reader="getters"):
+    """The table through torch's getters, or with the layout found at import (direct reads)."""
     from gradkern import _cpu
+    from gradkern._table import reader_arguments
 
-    return _cpu.read_tensor_table(tensors, torch.Tensor, DTYPES, "is_cpu", -1)
+    layout = reader_arguments()[2] if reader == "direct" else _cpu.TorchLayout(torch.Tensor, -1)
+    return _cpu.read_tensor_table(tensors, torch.Tensor, DTYPES, "is_cpu", -1, layout)
 
 
 class MyTensor(torch.Tensor):
     pass
 
 
-def test_plain_tensors_are_read_exactly():
+@pytest.mark.parametrize("reader", ["getters", "direct"])
+def test_plain_tensors_are_read_exactly(reader):
     tensors = [torch.randn(5, 3).to(d) for d in DTYPES] + [torch.empty(0), torch.tensor(2.0)]
-    data, numel, codes, ok = read(tensors)
+    data, numel, codes, ok = read(tensors, reader)
     assert ok.all()
     assert data.tolist() == [t.data_ptr() for t in tensors]
     assert numel.tolist() == [t.numel() for t in tensors]
@@ -38,8 +42,9 @@ def test_plain_tensors_are_read_exactly():
     lambda: torch.randn(3, device="meta"),              # not on the CPU
     lambda: "not a tensor",
 ])
-def test_anything_unusual_is_left_to_the_python_path(make):
-    _, _, _, ok = read([torch.randn(3), make(), torch.randn(2)])
+@pytest.mark.parametrize("reader", ["getters", "direct"])
+def test_anything_unusual_is_left_to_the_python_path(make, reader):
+    _, _, _, ok = read([torch.randn(3), make(), torch.randn(2)], reader)
     assert ok.tolist() == [True, False, True]
 
 
@@ -119,7 +124,7 @@ def test_impl_offset_finds_cdata_or_nothing():
 
     probe = torch.empty(3)
     offset = _cpu.find_impl_offset(probe, probe._cdata)
-    assert offset == reader_arguments()[2]
+    assert offset == reader_arguments()[2].impl
     if offset >= 0:  # the word there is the TensorImpl address, for any tensor
         import ctypes
 
@@ -129,12 +134,14 @@ def test_impl_offset_finds_cdata_or_nothing():
 
 
 def test_a_wrong_impl_offset_costs_speed_not_results():
-    tensors = [torch.randn(50) for _ in range(100)]
-    for offset in (-1, 0, 8, 10_000):
-        from gradkern import _cpu
+    from gradkern import _cpu
 
+    tensors = [torch.randn(50) for _ in range(100)]
+    for offset in [-1, 0, 10_000, *range(8, torch.Tensor.__basicsize__, 8)]:
+        layout = _cpu.TorchLayout(torch.Tensor, offset)  # prefetches through it, if it fits
+        assert layout.impl in (-1, offset) and not layout.direct
         data, numel, _, ok = _cpu.read_tensor_table(tensors, torch.Tensor, DTYPES, "is_cpu", -1,
-                                                     offset)
+                                                     layout)
         assert ok.all() and data.tolist() == [t.data_ptr() for t in tensors]
 
 
@@ -163,8 +170,8 @@ def test_read_grads_is_p_grad_for_every_kind_of_parameter():
     plain = torch.zeros(4, requires_grad=True)
     plain.grad = torch.ones(4)
     items = params + [odd, Duck(torch.ones(5)), Duck(None), plain]
-    tensor_type, _, offset = reader_arguments()
-    grads, kept = _cpu.read_grads(items, tensor_type, offset)
+    tensor_type, _, layout = reader_arguments()
+    grads, kept = _cpu.read_grads(items, tensor_type, layout)
     expected = [(i, p.grad) for i, p in enumerate(items) if p.grad is not None]
     assert kept == [i for i, _ in expected]
     assert len(grads) == len(expected)
@@ -172,9 +179,9 @@ def test_read_grads_is_p_grad_for_every_kind_of_parameter():
     assert torch.equal(grads[kept.index(20)], torch.full((2,), 7.0))  # the property, not torch's
 
     all_present = params[1:3]
-    assert _cpu.read_grads(all_present, tensor_type, offset)[1] is None
+    assert _cpu.read_grads(all_present, tensor_type, layout)[1] is None
     with pytest.raises(AttributeError):
-        _cpu.read_grads([params[1], object()], tensor_type, offset)
+        _cpu.read_grads([params[1], object()], tensor_type, layout)
 
 
 def test_grads_of_without_the_compiled_reader_gives_the_same(monkeypatch):
@@ -196,6 +203,10 @@ def test_device_index_is_checked_through_get_device():
     # "device 0" (the only part of that path a machine without a GPU can exercise).
     from gradkern import _cpu
 
+    from gradkern._table import reader_arguments
+
     tensors = [torch.randn(3), torch.randn(2)]
-    assert not _cpu.read_tensor_table(tensors, torch.Tensor, DTYPES, "is_cpu", 0)[3].any()
-    assert _cpu.read_tensor_table(tensors, torch.Tensor, DTYPES, "is_cpu", -1)[3].all()
+    for layout in (_cpu.TorchLayout(torch.Tensor, -1), reader_arguments()[2]):
+        args = (tensors, torch.Tensor, DTYPES, "is_cpu")
+        assert not _cpu.read_tensor_table(*args, 0, layout)[3].any()
+        assert _cpu.read_tensor_table(*args, -1, layout)[3].all()
