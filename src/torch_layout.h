@@ -122,9 +122,11 @@ inline Py_ssize_t find_impl_offset(PyObject* probe, std::uintptr_t impl_address)
 }
 
 // Prefetch distances, in list items: the Python object first, then (once its line has arrived)
-// the TensorImpl it points to, then (for direct reads) the StorageImpl that points to. 4-16 for
-// the TensorImpl measured the same.
-constexpr Py_ssize_t kAhead = 8;
+// the TensorImpl it points to, then (for direct reads) the StorageImpl that points to. A direct
+// read takes about 20 ns a row once its lines are in, so 8 rows ahead (enough for the getters'
+// 300 ns rows) is less than one memory latency; 32 read 10,000 cold rows in 0.55-0.82 ms against
+// 0.70-1.17 ms with 8 (2-core EPYC VM).
+constexpr Py_ssize_t kAhead = 32;
 constexpr Py_ssize_t kObjectAhead = 2 * kAhead;
 constexpr Py_ssize_t kStorageAhead = kAhead / 2;
 

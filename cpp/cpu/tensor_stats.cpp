@@ -156,8 +156,9 @@ void tensor_stats_impl(const TensorTable& table, double p, TensorStatsOut out) {
 
 // ---- the same statistics while the table is still being read ---------------------------------
 //
-// For thousands of small tensors, reading the table from Python costs more than reducing the
-// tensors, and only the calling thread can read it. So the caller reads and publishes rows while
+// For thousands of small tensors, reading the table from Python is a good part of the work (a
+// third of the reduction when rows are read directly, more than all of it through torch's
+// getters), and only the calling thread can read it. So the caller reads and publishes rows while
 // the other threads reduce what is published; once the table is read the caller reduces too.
 // Each small tensor is reduced whole by one thread, chunk by chunk in order, exactly as
 // tensor_stats_impl folds it, so the results are the same bits. Tensors of more than one chunk
@@ -165,7 +166,10 @@ void tensor_stats_impl(const TensorTable& table, double p, TensorStatsOut out) {
 
 constexpr std::int64_t kStreamMinRows = 64;   // below this, read first, then reduce
 constexpr std::int64_t kPublishRows = 16;     // rows the reader reads between publications
-constexpr std::int64_t kClaimRows = 8;        // rows a reducer takes at a time
+// Rows a reducer takes at a time. Only the last kTensorsAhead of them have their data prefetched
+// in time, and each claim moves `claimed` between cores: on 10,000 x 1,000 fp32, get_total_norm
+// took 3.1-3.6 ms with 32 and 3.7-4.5 ms with 8 (2-core EPYC VM, runs alternated).
+constexpr std::int64_t kClaimRows = 32;
 constexpr std::int64_t kTensorsAhead = 4;     // data prefetch distance, in tensors
 
 inline bool streamed(const TensorTable& table, std::int64_t t) {
