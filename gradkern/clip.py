@@ -32,11 +32,11 @@ def _norms(
     tensors: list[torch.Tensor], names, spec: NormSpec, error_if_nonfinite: bool,
     group=None, per_tensor: bool = False,
 ) -> tuple[_engine.Gathered | None, torch.Tensor | None, torch.Tensor]:
-    """(gathered, per-tensor norms, total norm), float64. Raises before any write.
+    """(gathered, per-tensor norms, total norm), float64. Raises before any write. The
+    per-tensor norms are None unless ``per_tensor`` asks for them.
 
     With ``group``, the statistics are those of the whole set across the ranks (see
-    :mod:`gradkern.distributed`); the gathered tensors are this rank's (None when it has none),
-    and per-tensor norms are reduced entry-wise only when ``per_tensor`` asks for them.
+    :mod:`gradkern.distributed`); the gathered tensors are this rank's (None when it has none).
     """
     fused = _engine.fused_stats(tensors, names, spec) if group is None else None
     if fused is None and distributed.any_dtensor(tensors):
@@ -46,7 +46,7 @@ def _norms(
         total = _engine.total_norm(raw, numel, spec)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise _nonfinite_error(g, raw, spec)
-        return g, _engine.per_tensor_norms(raw, numel, spec), total
+        return g, _engine.per_tensor_norms(raw, numel, spec) if per_tensor else None, total
 
     g, raw, numel, error = distributed.local_stats(tensors, names, spec)
     device = distributed.collective_device(group, None if g is None else g.device)
