@@ -62,7 +62,7 @@ def find_layout(cpu_module) -> tuple[object, str]:
         fields = _locate_fields()
         layout = cpu_module.TorchLayout(torch.Tensor, impl, fields)
         _check(layout)
-    except (LayoutNotFound, AttributeError, RuntimeError, ValueError, OSError) as exc:
+    except Exception as exc:  # whatever went wrong, the getters stay in charge: import never fails
         return prefetch_only, f"torch's getters (direct reads off: {exc})"
     return layout, (f"direct from torch {torch.__version__}'s TensorImpl, layout found and "
                     "checked at import")

@@ -167,3 +167,15 @@ def test_the_reader_in_use_is_reported_by_info():
     from gradkern.info import build_report
 
     assert build_report()["table_reader"] == _table.READER
+
+
+def test_any_failure_of_the_probe_leaves_the_getters_in_charge(monkeypatch):
+    from gradkern import _cpu, _torch_layout
+
+    def broken():
+        raise TypeError("a torch whose internals moved")
+
+    monkeypatch.setattr(_torch_layout, "_locate_fields", broken)
+    found, report = _torch_layout.find_layout(_cpu)
+    assert not found.direct and found.impl == layout().impl
+    assert "getters" in report and "internals moved" in report
