@@ -30,10 +30,8 @@ _get_dtype = attrgetter("dtype")
 
 try:  # the table reader lives in the C++ module; without it the Python path below does the work
     from . import _cpu
-    from ._cpu import read_tensor_table as _read_tensor_table
 except ImportError:
     _cpu = None
-    _read_tensor_table = None
 
 if _cpu is not None:
     from ._torch_layout import find_layout
@@ -103,11 +101,12 @@ def read_dense_table(tensors: list[torch.Tensor], device: torch.device) -> WorkS
     dtype and on ``device``; the caller then takes :func:`make_work_set`, which handles (or
     rejects) the rest.
     """
-    if _read_tensor_table is None or device.type not in ("cpu", "cuda"):
+    if _cpu is None or device.type not in ("cpu", "cuda"):
         return None
     flag, index = ("is_cpu", -1) if device.type == "cpu" else ("is_cuda", device.index)
     tensor_type, dtypes, layout = reader_arguments()
-    data, numel, codes, ok = _read_tensor_table(tensors, tensor_type, dtypes, flag, index, layout)
+    data, numel, codes, ok = _cpu.read_tensor_table(tensors, tensor_type, dtypes, flag, index,
+                                                    layout)
     if not ok.all():
         return None
     return WorkSet(list(tensors), codes, numel, addresses=data)

@@ -122,12 +122,6 @@ def _locate_fields() -> dict[str, int]:
     storage = np.stack([_bytes(s._cdata, storage_size) for s in storages])
     impl_words, storage_words = _words(impl), _words(storage)
 
-    def word(words: np.ndarray, expected: list[int], what: str) -> int:
-        hits = np.flatnonzero((words == np.array(expected, dtype=np.uint64)[:, None]).all(0))
-        if len(hits) != 1:
-            raise LayoutNotFound(f"{len(hits)} places match the {what}")
-        return int(hits[0]) * 8
-
     keys = [torch._C._dispatch_keys(t).raw_repr() for t in probes]
     if len(set(keys)) != 1:
         raise LayoutNotFound("plain CPU tensors differ in dispatch keys")
@@ -136,14 +130,15 @@ def _locate_fields() -> dict[str, int]:
     fields = dict(
         vtable=int(impl_words[0, 0]),
         key_set=keys[0],
-        key_set_at=word(impl_words, keys, "dispatch key set"),
-        storage_at=word(impl_words, [s._cdata for s in storages], "storage pointer"),
-        storage_offset_at=word(impl_words, [t.storage_offset() for t in probes], "storage offset"),
-        numel_at=word(impl_words, [t.numel() for t in probes], "element count"),
-        nbytes_at=word(storage_words, [s.nbytes() for s in storages], "storage size"),
+        key_set_at=_word_offset(impl_words, keys, "dispatch key set"),
+        storage_at=_word_offset(impl_words, [s._cdata for s in storages], "storage pointer"),
+        storage_offset_at=_word_offset(impl_words, [t.storage_offset() for t in probes],
+                                       "storage offset"),
+        numel_at=_word_offset(impl_words, [t.numel() for t in probes], "element count"),
+        nbytes_at=_word_offset(storage_words, [s.nbytes() for s in storages], "storage size"),
         # DataPtr keeps the address twice for the default allocator (data and context); the
         # numpy-backed probes tell them apart.
-        data_at=word(storage_words, [s.data_ptr() for s in storages], "storage address"),
+        data_at=_word_offset(storage_words, [s.data_ptr() for s in storages], "storage address"),
     )
     fields["dtype_at"] = _dtype_offset(impl, probes)
     fields["contiguous_byte"], fields["contiguous_mask"] = _contiguity_bit(impl, probes)
@@ -151,22 +146,31 @@ def _locate_fields() -> dict[str, int]:
     return fields
 
 
+def _only_match(places: np.ndarray, expected: np.ndarray, what: str) -> int:
+    """The one column of ``places`` (probes x places) holding ``expected`` (one value per probe)
+    in every probe. LayoutNotFound when no column does, or more than one."""
+    hits = np.flatnonzero((places == expected[:, None]).all(0))
+    if len(hits) != 1:
+        raise LayoutNotFound(f"{len(hits)} places match the {what}")
+    return int(hits[0])
+
+
+def _word_offset(words: np.ndarray, expected: list[int], what: str) -> int:
+    """Byte offset of the 8-byte word holding ``expected``."""
+    return 8 * _only_match(words, np.array(expected, dtype=np.uint64), what)
+
+
 def _dtype_offset(impl: np.ndarray, probes: list[torch.Tensor]) -> int:
     halves = impl[:, : impl.shape[1] // 2 * 2].copy().view(np.uint16)
     expected = np.array([_SCALAR_TYPES[DTYPES.index(t.dtype)] for t in probes], dtype=np.uint16)
-    hits = np.flatnonzero((halves == expected[:, None]).all(0))
-    if len(hits) != 1:
-        raise LayoutNotFound(f"{len(hits)} places match the dtype")
-    return int(hits[0]) * 2
+    return 2 * _only_match(halves, expected, "dtype")
 
 
 def _contiguity_bit(impl: np.ndarray, probes: list[torch.Tensor]) -> tuple[int, int]:
     bits = np.unpackbits(impl, axis=1, bitorder="little")
     expected = np.array([t.is_contiguous() for t in probes], dtype=np.uint8)
-    hits = np.flatnonzero((bits == expected[:, None]).all(0))
-    if len(hits) != 1:
-        raise LayoutNotFound(f"{len(hits)} bits match contiguity")
-    return int(hits[0]) // 8, 1 << (int(hits[0]) % 8)
+    bit = _only_match(bits, expected, "contiguity flag")
+    return bit // 8, 1 << (bit % 8)
 
 
 def _storage_check_bits(usable, storage_size: int) -> tuple[int, int]:

@@ -149,8 +149,9 @@ inline void prefetch_ahead(PyObject* const* items, Py_ssize_t n, Py_ssize_t i,
     for (int line = 0; line < kImplLines; ++line) __builtin_prefetch(ti + 64 * line, 0, 3);
   }
   if (layout.direct && i + kStorageAhead < n && is_tensor(items[i + kStorageAhead])) {
-    const char* storage = load<const char*>(layout.impl_of(items[i + kStorageAhead]),
-                                            layout.storage_at);
+    const char* ti = layout.impl_of(items[i + kStorageAhead]);
+    if (ti == nullptr) return;  // the storage pointer is a real load, unlike the prefetches
+    const char* storage = load<const char*>(ti, layout.storage_at);
     __builtin_prefetch(storage + layout.data_at, 0, 3);
     __builtin_prefetch(storage + layout.checks_at, 0, 3);
   }

@@ -42,8 +42,9 @@ def _plain_tensors():
                torch.randn(4_000_000), torch.ones(3, 4).t().contiguous()]
     for dtype in DTYPES:
         base = torch.randn(5_000).to(dtype)
-        tensors += [base, base[1_234:], base[17:17 + 61 * 63].view(61, 63), torch.zeros((), dtype=dtype),
-                    torch.empty(0, dtype=dtype), base[4_999:4_999], torch.ones(7, 1, 1, 1).to(dtype)]
+        tensors += [base, base[1_234:], base[17:17 + 61 * 63].view(61, 63),
+                    torch.zeros((), dtype=dtype), torch.empty(0, dtype=dtype), base[4_999:4_999],
+                    torch.ones(7, 1, 1, 1).to(dtype)]
     return tensors
 
 
