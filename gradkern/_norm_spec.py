@@ -29,6 +29,14 @@ def parse_norm_type(norm_type: float | int | str) -> NormSpec:
     Raises:
         ValueError: for NaN or anything ``float()`` cannot read.
     """
+    if type(norm_type) is float or type(norm_type) is int:  # not a tensor: those can change
+        common = _COMMON.get(norm_type)
+        if common is not None:
+            return common
+    return _parse(norm_type)
+
+
+def _parse(norm_type: float | int | str) -> NormSpec:
     try:
         p = float(norm_type)
     except (TypeError, ValueError):
@@ -46,3 +54,8 @@ def parse_norm_type(norm_type: float | int | str) -> NormSpec:
     else:
         kind = NormKind.POWER
     return NormSpec(p, kind)
+
+
+# The norm types nearly every call uses, parsed once: right after a backward pass even this
+# little Python runs out of cache, at several microseconds a call.
+_COMMON = {p: _parse(p) for p in (2.0, 1.0, math.inf, -math.inf, 0.0)}

@@ -31,7 +31,9 @@ def split_names(
     if isinstance(parameters, torch.Tensor):
         return [parameters], None
     is_generator = isinstance(parameters, types.GeneratorType)
-    items = list(parameters)
+    # A list is used as it is: copying 10,000 references writes to 10,000 tensor objects, which
+    # after a backward pass are out of cache (~0.2 ms). Nothing downstream modifies it.
+    items = parameters if type(parameters) is list else list(parameters)
     if not items:
         if is_generator and warn_empty_generator:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",

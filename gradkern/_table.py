@@ -55,12 +55,20 @@ class WorkSet:
     (original, buffer) pairs to copy back after an in-place op.
     """
 
-    work: list[torch.Tensor]
+    work: list[torch.Tensor]  # may be the caller's own list: read, never modified
     codes: np.ndarray  # int8 dtype code per tensor
     numel: np.ndarray  # int64 element count the user sees (dense numel for sparse tensors)
     implicit_zeros: np.ndarray | None = None  # int64, the zeros a sparse tensor does not store
     writeback: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     addresses: np.ndarray | None = None  # uint64 data pointers, when already read
+    dtype_mask: int | None = None  # bit c set when some tensor has code c, when already known
+
+    @property
+    def result_dtype(self) -> torch.dtype:
+        """torch's result dtype for a norm over these tensors."""
+        if self.dtype_mask is not None:
+            return _RESULT_DTYPE_BY_MASK[self.dtype_mask]
+        return result_dtype({_DTYPES_BY_CODE[c] for c in np.unique(self.codes)})
 
     @property
     def size(self) -> int:
@@ -88,6 +96,13 @@ def result_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
     return reduce(torch.promote_types, sorted(dtypes, key=str))
 
 
+# result_dtype of every non-empty set of the four dtypes, indexed by its mask of codes (bit c for
+# code c, as the C table readers report it): a lookup instead of promotions on every call.
+_RESULT_DTYPE_BY_MASK: tuple[torch.dtype | None, ...] = (None,) + tuple(
+    result_dtype({dtype for code, dtype in enumerate(_DTYPES_BY_CODE) if mask >> code & 1})
+    for mask in range(1, 1 << len(_DTYPES_BY_CODE)))
+
+
 def reader_arguments() -> tuple[type, tuple[torch.dtype, ...], object]:
     """What the C table readers take to recognise a plain tensor: the tensor type, the dtypes in
     code order, and the ``_cpu.TorchLayout`` they prefetch through (and read CPU rows with)."""
@@ -105,16 +120,11 @@ def read_dense_table(tensors: list[torch.Tensor], device: torch.device) -> WorkS
         return None
     flag, index = ("is_cpu", -1) if device.type == "cpu" else ("is_cuda", device.index)
     tensor_type, dtypes, layout = reader_arguments()
-    data, numel, codes, ok = _cpu.read_tensor_table(tensors, tensor_type, dtypes, flag, index,
-                                                    layout)
+    data, numel, codes, ok, dtype_mask = _cpu.read_tensor_table(tensors, tensor_type, dtypes,
+                                                                flag, index, layout)
     if not ok.all():
         return None
-    return WorkSet(list(tensors), codes, numel, addresses=data)
-
-
-def dtypes_of(codes: np.ndarray) -> set[torch.dtype]:
-    """The dtypes present in a WorkSet, from its codes."""
-    return {_DTYPES_BY_CODE[c] for c in np.flatnonzero(np.bincount(codes, minlength=4))}
+    return WorkSet(tensors, codes, numel, addresses=data, dtype_mask=dtype_mask)
 
 
 def make_work_set(tensors: list[torch.Tensor], names: Sequence[str] | None = None) -> WorkSet:

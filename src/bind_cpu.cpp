@@ -108,10 +108,10 @@ class ListTableSource final : public TableSource {
   PyThreadState* released_ = nullptr;
 };
 
-// (data, numel, codes, ok) of a list of CPU tensors, like read_tensor_table, with their
-// statistics written to the four arrays in the same call: the pass starts on the first rows while
-// the later ones are still being read. ok is False (and the statistics meaningless) unless every
-// tensor is one the table reader accepts.
+// (data, numel, codes, ok, dtype_mask) of a list of CPU tensors, like read_tensor_table, with
+// their statistics written to the four arrays in the same call: the pass starts on the first rows
+// while the later ones are still being read. ok is False (and the statistics meaningless) unless
+// every tensor is one the table reader accepts.
 py::tuple py_read_tensor_stats(py::sequence tensors, py::handle tensor_type, py::tuple dtypes,
                                const gradkern_py::TorchLayout& layout, int kind, double p,
                                py::array_t<double> power_sum, py::array_t<double> max_abs,
@@ -128,7 +128,7 @@ py::tuple py_read_tensor_stats(py::sequence tensors, py::handle tensor_type, py:
   const TensorTable table{columns.data.data(), columns.numel.data(), columns.codes.data(), n};
   const bool ok = tensor_stats_streaming(source, table, static_cast<NormKind>(kind), p, out);
   source.reacquire_gil();
-  return py::make_tuple(columns.data, columns.numel, columns.codes, ok);
+  return py::make_tuple(columns.data, columns.numel, columns.codes, ok, columns.dtype_mask);
 }
 
 
@@ -216,13 +216,15 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("read_tensor_table", &gradkern_py::read_tensor_table, py::arg("tensors"),
         py::arg("tensor_type"), py::arg("dtypes"), py::arg("device_flag"),
         py::arg("device_index"), py::arg("layout") = TorchLayout{},
-        "(data, numel, codes, ok) of a list of torch tensors, read in one C loop; ok is False "
-        "where a tensor needs the general Python path. layout lets the loop prefetch each "
+        "(data, numel, codes, ok, dtype_mask) of a list of torch tensors, read in one C loop; "
+        "ok is False where a tensor needs the general Python path; bit c of dtype_mask is set "
+        "when some tensor has dtype code c. layout lets the loop prefetch each "
         "tensor's metadata and read CPU rows directly.");
   m.def("read_tensor_stats", &py_read_tensor_stats, py::arg("tensors"), py::arg("tensor_type"),
         py::arg("dtypes"), py::arg("layout"), py::arg("kind"), py::arg("p"),
         py::arg("power_sum"), py::arg("max_abs"), py::arg("nonfinite"), py::arg("zeros"),
-        "read_tensor_table and tensor_stats at once, for CPU tensors: (data, numel, codes, ok).");
+        "read_tensor_table and tensor_stats at once, for CPU tensors: (data, numel, codes, ok, "
+        "dtype_mask), ok a bool.");
   m.def("read_grads", &gradkern_py::read_grads, py::arg("params"), py::arg("tensor_type"),
         py::arg("layout"),
         "(grads, kept): the .grad of each parameter that has one, and their positions (None "

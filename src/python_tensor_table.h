@@ -50,10 +50,14 @@ struct TableColumns {
     data_[i] = row.data;
     numel_[i] = row.numel;
     codes_[i] = row.code;
+    if (row.code >= 0) dtype_mask |= 1u << row.code;
   }
   py::array_t<std::uint64_t> data;
   py::array_t<std::int64_t> numel;
   py::array_t<std::int8_t> codes;
+  // Bit c set when some row has dtype code c: the caller learns the dtypes present (and so the
+  // result dtype) without another pass over the codes.
+  unsigned dtype_mask = 0;
 
  private:
   std::uint64_t* data_;
@@ -178,7 +182,8 @@ class TensorTableReader {
   TensorAttribute dtype_, on_device_, get_device_, is_contiguous_, data_ptr_, nbytes_;
 };
 
-// (data, numel, codes, ok): one row per tensor; rows with ok == False hold garbage.
+// (data, numel, codes, ok, dtype_mask): one row per tensor; rows with ok == False hold garbage,
+// and dtype_mask (bit c: some row has code c) is meaningful only when every row is ok.
 inline py::tuple read_tensor_table(py::sequence tensors, py::handle tensor_type,
                                    py::tuple dtypes, const char* device_flag, int device_index,
                                    const TorchLayout& layout) {
@@ -191,7 +196,7 @@ inline py::tuple read_tensor_table(py::sequence tensors, py::handle tensor_type,
     ok.mutable_data()[i] = reader.read_row(seq.items, seq.size, i, row);
     table.set(i, row);
   }
-  return py::make_tuple(table.data, table.numel, table.codes, ok);
+  return py::make_tuple(table.data, table.numel, table.codes, ok, table.dtype_mask);
 }
 
 // (grads, kept): the `.grad` of each parameter that has one, and the positions of those

@@ -38,6 +38,20 @@ def test_zero_dim_tensors(backend):
     assert gk.get_total_norm(t).item() == pytest.approx(5.0)
 
 
+@pytest.mark.parametrize("p", [2.0, 1, 3.5, 0.0, math.inf, -math.inf])
+def test_norm_type_given_any_way_torch_accepts(backend, p):
+    t = [torch.tensor([0.0, 2.0, 3.0]), torch.tensor([1.0, -4.0])]
+    want = gk.get_total_norm(t, float(p))
+    forms = [np.float64(p), torch.tensor(p, dtype=torch.float64), str(float(p))]
+    for form in forms + ([int(p)] if math.isfinite(p) and p == int(p) else []):
+        assert torch.equal(gk.get_total_norm(t, form), want), form
+    # A tensor norm_type is read each call, never remembered: it may change in place.
+    norm_type = torch.tensor(1.0)
+    assert gk.get_total_norm(t, norm_type).item() == 10.0
+    norm_type.fill_(p)
+    assert torch.equal(gk.get_total_norm(t, norm_type), want)
+
+
 def test_norm_zero_counts_nonzero_elements(backend):
     t = [torch.tensor([0.0, 2.0, 3.0]), torch.tensor([0.0, 0.0]), torch.tensor([1.0, -4.0])]
     assert gk.get_total_norm(t, 0).item() == 4.0

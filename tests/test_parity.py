@@ -1,5 +1,6 @@
 """Every backend against the pure-torch float64 reference and against torch.nn.utils itself."""
 
+import itertools
 import math
 
 import pytest
@@ -32,8 +33,8 @@ def test_total_norm_matches_reference(backend, dtype, norm_type):
     assert _close(got, reference_norm(grads, norm_type), dtype), (got, reference_norm(grads, norm_type))
 
 
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
-                                    (torch.float64, torch.float16)])
+@pytest.mark.parametrize("dtypes", [combo for k in range(2, 5)
+                                    for combo in itertools.combinations(DTYPES, k)])
 def test_mixed_dtypes_promote_like_torch(backend, dtypes):
     grads = [make_params([(100,)], d, seed=i)[0].grad for i, d in enumerate(dtypes)]
     got = gk.get_total_norm(grads)

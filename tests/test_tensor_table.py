@@ -26,11 +26,13 @@ class MyTensor(torch.Tensor):
 @pytest.mark.parametrize("reader", ["getters", "direct"])
 def test_plain_tensors_are_read_exactly(reader):
     tensors = [torch.randn(5, 3).to(d) for d in DTYPES] + [torch.empty(0), torch.tensor(2.0)]
-    data, numel, codes, ok = read(tensors, reader)
+    data, numel, codes, ok, dtype_mask = read(tensors, reader)
     assert ok.all()
     assert data.tolist() == [t.data_ptr() for t in tensors]
     assert numel.tolist() == [t.numel() for t in tensors]
     assert codes.tolist() == [0, 1, 2, 3, 0, 0]
+    assert dtype_mask == 0b1111
+    assert read(tensors[1:2] + tensors[3:4], reader)[4] == 0b1010
 
 
 @pytest.mark.parametrize("make", [
@@ -44,7 +46,7 @@ def test_plain_tensors_are_read_exactly(reader):
 ])
 @pytest.mark.parametrize("reader", ["getters", "direct"])
 def test_anything_unusual_is_left_to_the_python_path(make, reader):
-    _, _, _, ok = read([torch.randn(3), make(), torch.randn(2)], reader)
+    ok = read([torch.randn(3), make(), torch.randn(2)], reader)[3]
     assert ok.tolist() == [True, False, True]
 
 
@@ -64,11 +66,11 @@ def _stats_arrays(n):
 def _read_then_reduce(tensors, kind, p):
     from gradkern import _cpu
 
-    data, numel, codes, ok = read(tensors)
+    data, numel, codes, ok, dtype_mask = read(tensors)
     out = _stats_arrays(len(tensors))
     if ok.all():
         _cpu.tensor_stats(data, numel, codes, kind, p, *out)
-    return (data, numel, codes, bool(ok.all())), out
+    return (data, numel, codes, bool(ok.all()), dtype_mask), out
 
 
 def _read_and_reduce(tensors, kind, p):
@@ -98,11 +100,12 @@ def test_reading_while_reducing_gives_the_same_bits_as_reading_then_reducing(kin
     import numpy as np
 
     tensors = _mixed_tensors(n) if n >= 14 else [torch.randn(7) for _ in range(n)]
-    (data, numel, codes, ok), fused = _read_and_reduce(tensors, kind, p)
-    (data2, numel2, codes2, ok2), separate = _read_then_reduce(tensors, kind, p)
+    (data, numel, codes, ok, dtype_mask), fused = _read_and_reduce(tensors, kind, p)
+    (data2, numel2, codes2, ok2, dtype_mask2), separate = _read_then_reduce(tensors, kind, p)
     assert ok and ok2
     assert data.tolist() == data2.tolist() and numel.tolist() == numel2.tolist()
     assert codes.tolist() == codes2.tolist()
+    assert dtype_mask == dtype_mask2 == sum(1 << c for c in set(codes.tolist()))
     for a, b in zip(fused, separate):
         assert np.array_equal(a, b, equal_nan=True)
 
@@ -111,7 +114,7 @@ def test_reading_while_reducing_gives_the_same_bits_as_reading_then_reducing(kin
 def test_reading_while_reducing_stops_at_a_tensor_it_cannot_read(where):
     tensors = [t.nan_to_num(posinf=1.0, neginf=-1.0) for t in _mixed_tensors(1_500)]
     tensors[where] = torch.randn(6, 5).t()
-    (_, _, _, ok), _ = _read_and_reduce(tensors, 2, 2.0)
+    ok = _read_and_reduce(tensors, 2, 2.0)[0][3]
     assert ok is False
     # and the public op still gets it right through the general path
     expected = torch.linalg.vector_norm(torch.cat([t.double().reshape(-1) for t in tensors]))
@@ -140,8 +143,8 @@ def test_a_wrong_impl_offset_costs_speed_not_results():
     for offset in [-1, 0, 10_000, *range(8, torch.Tensor.__basicsize__, 8)]:
         layout = _cpu.TorchLayout(torch.Tensor, offset)  # prefetches through it, if it fits
         assert layout.impl in (-1, offset) and not layout.direct
-        data, numel, _, ok = _cpu.read_tensor_table(tensors, torch.Tensor, DTYPES, "is_cpu", -1,
-                                                     layout)
+        data, _, _, ok, _ = _cpu.read_tensor_table(tensors, torch.Tensor, DTYPES, "is_cpu", -1,
+                                                    layout)
         assert ok.all() and data.tolist() == [t.data_ptr() for t in tensors]
 
 

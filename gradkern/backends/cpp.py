@@ -35,12 +35,12 @@ class CppBackend:
         the table is still being read; None when some tensor needs the general path (a subclass,
         another device, a non-contiguous or sparse layout, an unsupported dtype)."""
         out = empty_stats(len(tensors))
-        data, numel, codes, ok = _cpu.read_tensor_stats(
+        data, numel, codes, ok, dtype_mask = _cpu.read_tensor_stats(
             tensors, *reader_arguments(), int(spec.kind), spec.p, out.power_sum.numpy(),
             out.max_abs.numpy(), out.nonfinite.numpy(), out.zeros.numpy())
         if not ok:
             return None
-        return WorkSet(list(tensors), codes, numel, addresses=data), out
+        return WorkSet(tensors, codes, numel, addresses=data, dtype_mask=dtype_mask), out
 
     def clip_in_place(self, ws: WorkSet, coef: torch.Tensor | None, clip_value: float) -> None:
         _cpu.clip_in_place(*ws.table(), None if coef is None else coef.numpy(), clip_value)
