@@ -2,10 +2,11 @@
 
 Each row times torch and gradkern on the same gradients in the same process (best of N, wall
 time including Python, the device synchronised before and after). The machine's limit is
-measured in the same run on a flat buffer of the same size (at most 4 GiB): on the CPU one read
-pass (a sum), on a GPU also a device-to-device copy, counted as bytes read plus bytes written.
-The "limit" column is a row's bytes read per second as a share of that: read bandwidth on the
-CPU, copy bandwidth on a GPU.
+measured on a flat buffer of the same size (at most 4 GiB), in turn with torch and gradkern in
+the total-norm row's loop, so that all three see the same state of a shared machine: on the CPU
+one read pass (a sum), on a GPU also a device-to-device copy, counted as bytes read plus bytes
+written. The "limit" column is a row's bytes read per second as a share of that: read bandwidth
+on the CPU, copy bandwidth on a GPU.
 """
 
 from __future__ import annotations
@@ -62,19 +63,34 @@ def best_times(fns: list[Callable[[], object]], repeats: int, device: str,
 _LIMIT_BUFFER_BYTES = 4 << 30
 
 
+class LimitPasses:
+    """The passes that measure the machine's limit on a flat fp32 buffer of ``nbytes`` (capped at
+    4 GiB: both saturate long before): a read (a sum) and, on a GPU, a device-to-device copy.
+
+    ``passes`` are timed by the caller, interleaved with what they are the limit for;
+    :meth:`bandwidths` turns those times into bytes/s.
+    """
+
+    def __init__(self, nbytes: int, device: str):
+        flat = torch.ones(max(min(nbytes, _LIMIT_BUFFER_BYTES) // 4, 1), device=device)
+        self.size = flat.numel() * 4
+        self.passes: list[Callable[[], object]] = [flat.sum]
+        if device.startswith("cuda"):
+            dst = torch.empty_like(flat)
+            self.passes.append(lambda: dst.copy_(flat))
+
+    def bandwidths(self, times: list[float]) -> tuple[float, float | None]:
+        """(read bandwidth, copy bandwidth or None on the CPU) in bytes/s, from the best time
+        of each pass."""
+        read_bw = self.size / times[0]
+        copy_bw = 2 * self.size / times[1] if len(times) > 1 else None
+        return read_bw, copy_bw
+
+
 def measure_limits(nbytes: int, repeats: int, device: str) -> tuple[float, float | None]:
-    """(read bandwidth, copy bandwidth or None on the CPU) in bytes/s, on a flat fp32 buffer of
-    ``nbytes`` (capped at 4 GiB: both saturate long before)."""
-    flat = torch.ones(max(min(nbytes, _LIMIT_BUFFER_BYTES) // 4, 1), device=device)
-    size = flat.numel() * 4
-    read_bw = size / best_time(flat.sum, repeats, device)
-    copy_bw = None
-    if device.startswith("cuda"):
-        dst = torch.empty_like(flat)
-        copy_bw = 2 * size / best_time(lambda: dst.copy_(flat), repeats, device)
-        del dst
-    del flat
-    return read_bw, copy_bw
+    """(read bandwidth, copy bandwidth or None on the CPU) in bytes/s, measured on their own."""
+    limit = LimitPasses(nbytes, device)
+    return limit.bandwidths(best_times(limit.passes, repeats, device))
 
 
 def _per_tensor_torch_stats(grads):
@@ -105,25 +121,29 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
     print(f"{'op':34s} {'scenario':34s} {'torch ms':>9s} {'gk ms':>9s} {'speed-up':>8s} "
           f"{'GB/s':>7s} {'limit':>7s}")
     print("limit: bytes read per second as a share of the "
-          + ("device-to-device copy bandwidth (read + write) measured in this run" if on_gpu
-             else "read bandwidth (one sum pass) measured in this run"))
+          + ("device-to-device copy bandwidth (read + write)" if on_gpu
+             else "read bandwidth (one sum pass)")
+          + ", timed in turn with each scenario's total-norm row")
     for name, spec in scenarios(quick, device).items():
         params = make_grads(spec, device)
         grads = [p.grad for p in params]
         nbytes = sum(g.numel() * g.element_size() for g in grads)
-        read_bw, copy_bw = measure_limits(nbytes, repeats, device)
+        limit = LimitPasses(nbytes, device)
+        t_t, t_g, *t_limit = best_times([lambda: torch_get_total_norm(grads),
+                                         lambda: clip.get_total_norm(grads), *limit.passes],
+                                        repeats, device)
+        read_bw, copy_bw = limit.bandwidths(t_limit)
+        del limit
         limits[name] = dict(read_bw=read_bw, copy_bw=copy_bw)
         print(f"  {name}: {nbytes / 1e9:.2f} GB in {len(grads)} tensors; read pass "
               f"{read_bw / 1e9:.1f} GB/s" + (f", copy {copy_bw / 1e9:.1f} GB/s" if copy_bw else ""))
-        saved = [g.clone() for g in grads]
+        row("total norm", name, t_t, t_g, nbytes)
+        saved = [g.clone() for g in grads]  # after the flat buffer is gone: memory peaks once
 
         def restore():
             for g, s in zip(grads, saved):
                 g.copy_(s)
 
-        t_t, t_g = best_times([lambda: torch_get_total_norm(grads),
-                               lambda: clip.get_total_norm(grads)], repeats, device)
-        row("total norm", name, t_t, t_g, nbytes)
         t_t, t_g = best_times([lambda: torch_clip_grad_norm_(params, 1e30),
                                lambda: clip.clip_grad_norm_(params, 1e30)], repeats, device)
         row("clip_grad_norm_, no clipping", name, t_t, t_g, nbytes)

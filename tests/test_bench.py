@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from gradkern.bench import measure_limits
+from gradkern.bench import LimitPasses, measure_limits
 from gradkern.scenarios import make_grads, scenarios
 
 
@@ -29,3 +29,11 @@ def test_benchmark_parameters_hold_full_gradients_but_no_weight_memory():
 def test_limits_on_the_cpu_are_a_read_pass_only():
     read_bw, copy_bw = measure_limits(8 << 20, repeats=2, device="cpu")
     assert read_bw > 0 and copy_bw is None
+
+
+def test_limit_passes_turn_times_into_bandwidths():
+    limit = LimitPasses(8 << 20, device="cpu")
+    assert limit.size == 8 << 20 and len(limit.passes) == 1
+    assert limit.passes[0]().item() == limit.size // 4  # a sum over ones: every element read
+    assert limit.bandwidths([0.5e-3]) == (limit.size / 0.5e-3, None)
+    assert LimitPasses(1 << 40, device="meta").size == 4 << 30  # capped at 4 GiB
