@@ -77,7 +77,9 @@ def test_bigmem_tensor_over_2_31_elements(backend):
 
 
 _ISA_SCRIPT = """
-import torch, gradkern as gk
+import numpy as np, torch, gradkern as gk
+from gradkern import _cpu
+from gradkern._table import DTYPE_CODES
 gk.set_backend("cpp")
 gen = torch.Generator().manual_seed(1)
 out = []
@@ -87,6 +89,17 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     grads.append(grads[3].clone())
     grads[-1][12_345] = float("nan")
     grads[-1][99_999] = float("inf")
+    # The float64 power sums themselves, not only the norms rounded to the result dtype: the
+    # AVX2 build squares and adds in one fused step where that is exact, and must stay exact.
+    scaled = [g * s for g in grads[:4] for s in (1.0, 1e-20, 1e30) if (g * s).isfinite().all()]
+    table = (np.array([g.data_ptr() for g in scaled], np.uint64),
+             np.array([g.numel() for g in scaled], np.int64),
+             np.full(len(scaled), DTYPE_CODES[dtype], np.int8))
+    for kind, p in ((1, 1.0), (2, 2.0), (4, 3.0)):
+        sums = np.empty(len(scaled))
+        _cpu.tensor_stats(*table, kind, p, sums, np.empty(len(scaled)),
+                          np.empty(len(scaled), np.int64), np.empty(len(scaled), np.int64))
+        out.append([x.hex() for x in sums])
     for p in (2.0, 1.0, float("inf"), 0.0, 3.0, float("-inf")):
         s = gk.grad_stats(grads[:4], p)
         out.append([float(x).hex() for x in s.norm.double()])

@@ -13,7 +13,9 @@ const FastKernels& pick() {
   const char* forced = std::getenv("GRADKERN_CPU_ISA");
   const bool baseline_only = forced != nullptr && std::strcmp(forced, "baseline") == 0;
 #if defined(GRADKERN_HAVE_AVX2_KERNELS)
-  if (!baseline_only && __builtin_cpu_supports("avx2")) return fast_kernels_avx2();
+  if (!baseline_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return fast_kernels_avx2();
+  }
 #else
   (void)baseline_only;
 #endif

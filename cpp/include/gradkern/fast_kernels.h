@@ -2,8 +2,9 @@
 //
 // cpp/cpu/isa/fast_kernels.cpp is compiled twice: for the compiler's baseline and with AVX2
 // (the way ATen builds its CPU_CAPABILITY kernels). fast_kernels() returns the table for the CPU
-// the process runs on. Both builds do the same arithmetic in the same order (no FMA contraction,
-// fixed lanes), so they give bitwise identical results.
+// the process runs on. Both builds do the same arithmetic in the same order (fixed lanes, no FMA
+// contraction; the AVX2 build fuses a square and its add only where the square is exact, so
+// nothing rounds differently), so they give bitwise identical results.
 #pragma once
 
 #include <cstdint>
