@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from gradkern.bench import LimitPasses, measure_limits
+from gradkern.bench import LimitPasses
 from gradkern.scenarios import make_grads, scenarios
 
 
@@ -26,14 +26,24 @@ def test_benchmark_parameters_hold_full_gradients_but_no_weight_memory():
         assert p.grad.std() > 0.5
 
 
-def test_limits_on_the_cpu_are_a_read_pass_only():
-    read_bw, copy_bw = measure_limits(8 << 20, repeats=2, device="cpu")
-    assert read_bw > 0 and copy_bw is None
+def test_limit_reads_the_gradients_themselves_where_they_are_large():
+    large = [torch.ones(1 << 19), torch.ones(3, 1 << 18)]  # 2 MiB and 3 MiB of fp32
+    limit = LimitPasses(large + [torch.ones(10, dtype=torch.bfloat16)], device="cpu")
+    assert limit.read_source == "the gradients" and limit.read_bytes == 5 << 20
+    assert len(limit.passes) == 1 and limit.copy_bytes == 0
+    sums = limit.passes[0]()
+    assert [s.item() for s in sums] == [t.numel() for t in large]  # every element read
+    assert limit.bandwidths([0.5e-3]) == ((5 << 20) / 0.5e-3, None)
 
 
-def test_limit_passes_turn_times_into_bandwidths():
-    limit = LimitPasses(8 << 20, device="cpu")
-    assert limit.size == 8 << 20 and len(limit.passes) == 1
-    assert limit.passes[0]().item() == limit.size // 4  # a sum over ones: every element read
-    assert limit.bandwidths([0.5e-3]) == (limit.size / 0.5e-3, None)
-    assert LimitPasses(1 << 40, device="meta").size == 4 << 30  # capped at 4 GiB
+def test_limit_reads_a_flat_buffer_for_many_small_tensors():
+    small = [torch.ones(1000) for _ in range(50)]
+    limit = LimitPasses(small, device="cpu")
+    assert limit.read_source == "a flat buffer" and limit.read_bytes == 50 * 4000
+    assert limit.passes[0]().item() == 50 * 1000
+    # large tensors holding less than half the bytes do not count either
+    mixed = LimitPasses([torch.ones(1 << 18), torch.ones(1 << 20, dtype=torch.bfloat16)], "cpu")
+    assert mixed.read_source == "a flat buffer"
+    # a flat buffer is capped at 4 GiB
+    huge = LimitPasses([torch.empty(3 << 30, dtype=torch.float16, device="meta")], "meta")
+    assert huge.read_bytes == 4 << 30
