@@ -9,14 +9,19 @@
 
 namespace gradkern {
 
-// Calls body(i) for i in [0, n). Items are handed out dynamically (one at a time: callers make
-// items of similar size); each body writes only its own outputs, so the result does not depend
-// on which thread ran what.
+// Calls body(i) for i in [0, n). Items are handed out dynamically, in runs of consecutive items
+// that shrink towards the end (OpenMP's guided schedule): each thread streams through long
+// stretches of memory, and the last small runs still balance threads that fell behind. Callers
+// make items of similar size. Each body writes only its own outputs, so the result does not
+// depend on which thread ran what.
+// Why not one item at a time: threads taking turns over consecutive 256 KiB chunks read 4 x 64M
+// fp32 at 77-85% of a torch sum over the same memory whenever this VM's memory was fast (~50
+// GB/s), against 92-95% with guided runs (equal at ~33 GB/s).
 template <class Body>
 void parallel_for(std::int64_t n, const Body& body) {
 #ifdef GRADKERN_WITH_OPENMP
   if (n > 1 && omp_get_max_threads() > 1) {
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(guided)
     for (std::int64_t i = 0; i < n; ++i) body(i);
     return;
   }
