@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ._norm_spec import NormKind, NormSpec
-from ._table import WorkSet, make_work_set, read_dense_table, result_dtype
+from ._table import (WorkSet, make_work_set, read_dense_table, result_dtype,
+                     result_dtype_of_mask)
 from .backends import Backend, RawStats, backend_for
 
 _get_device = attrgetter("device")
@@ -51,7 +52,8 @@ def gather(tensors: list[torch.Tensor], names: Sequence[str] | None = None, *,
     dense = read_dense_table(tensors, first) if try_dense else None
     if dense is not None:  # the common case, read in one C loop
         group = Group(backend_for(first), dense, None)
-        return Gathered(tensors, names, [group], first, dense.result_dtype)
+        return Gathered(tensors, names, [group], first,
+                        result_dtype_of_mask(dense.dtype_mask))
     if first.type == "cpu" and all(map(_is_cpu, tensors)):
         groups = [Group(backend_for(first), make_work_set(tensors, names), None)]
     else:
@@ -82,7 +84,8 @@ def fused_stats(tensors: list[torch.Tensor], names: Sequence[str] | None,
     if hit is None:
         return None
     ws, raw = hit
-    g = Gathered(tensors, names, [Group(backend, ws, None)], first, ws.result_dtype)
+    g = Gathered(tensors, names, [Group(backend, ws, None)], first,
+                 result_dtype_of_mask(ws.dtype_mask))
     return g, raw, torch.from_numpy(ws.numel)
 
 

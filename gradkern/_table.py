@@ -61,14 +61,7 @@ class WorkSet:
     implicit_zeros: np.ndarray | None = None  # int64, the zeros a sparse tensor does not store
     writeback: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     addresses: np.ndarray | None = None  # uint64 data pointers, when already read
-    dtype_mask: int | None = None  # bit c set when some tensor has code c, when already known
-
-    @property
-    def result_dtype(self) -> torch.dtype:
-        """torch's result dtype for a norm over these tensors."""
-        if self.dtype_mask is not None:
-            return _RESULT_DTYPE_BY_MASK[self.dtype_mask]
-        return result_dtype({_DTYPES_BY_CODE[c] for c in np.unique(self.codes)})
+    dtype_mask: int | None = None  # bit c set when some tensor has code c (from the C readers)
 
     @property
     def size(self) -> int:
@@ -101,6 +94,11 @@ def result_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
 _RESULT_DTYPE_BY_MASK: tuple[torch.dtype | None, ...] = (None,) + tuple(
     result_dtype({dtype for code, dtype in enumerate(_DTYPES_BY_CODE) if mask >> code & 1})
     for mask in range(1, 1 << len(_DTYPES_BY_CODE)))
+
+
+def result_dtype_of_mask(dtype_mask: int) -> torch.dtype:
+    """:func:`result_dtype` of the dtypes whose codes are the bits set in a C reader's mask."""
+    return _RESULT_DTYPE_BY_MASK[dtype_mask]
 
 
 def reader_arguments() -> tuple[type, tuple[torch.dtype, ...], object]:
