@@ -18,6 +18,7 @@ from ._norm_spec import NormKind, NormSpec
 from ._table import (WorkSet, make_work_set, read_dense_table, result_dtype,
                      result_dtype_of_mask)
 from .backends import Backend, RawStats, backend_for
+from .backends._device_table import to_device_async
 
 _get_device = attrgetter("device")
 _get_dtype = attrgetter("dtype")
@@ -109,11 +110,12 @@ def tensor_stats(g: Gathered, spec: NormSpec) -> tuple[RawStats, torch.Tensor]:
     parts = []
     for group in g.groups:
         raw = group.backend.tensor_stats(group.work, spec)
-        numel = torch.from_numpy(group.work.numel)
+        numel = _element_counts(group)
         if group.work.implicit_zeros is not None:
-            raw.zeros = raw.zeros + torch.from_numpy(group.work.implicit_zeros).to(raw.zeros.device)
+            device = raw.zeros.device
+            raw.zeros = raw.zeros + _from_host(group.work.implicit_zeros, device)
             if spec.kind == NormKind.MIN_ABS:  # an implicit zero is the smallest |g| there is
-                has_implicit = torch.from_numpy(group.work.implicit_zeros > 0).to(raw.zeros.device)
+                has_implicit = _from_host(group.work.implicit_zeros > 0, device)
                 raw.power_sum = torch.where(has_implicit & ~raw.power_sum.isnan(), 0.0,
                                             raw.power_sum)
         parts.append((group, raw, numel))
@@ -130,6 +132,19 @@ def tensor_stats(g: Gathered, spec: NormSpec) -> tuple[RawStats, torch.Tensor]:
             getattr(full, name)[group.index] = getattr(raw, name)
         full_numel[group.index] = numel.to(g.device)
     return full, full_numel
+
+
+def _element_counts(group: Group) -> torch.Tensor:
+    """The group's element counts, int64, where its statistics are. A CUDA backend serves them
+    from its device table (see ``DeviceTableCache.element_counts``); elsewhere they are the host
+    array itself."""
+    counts = getattr(group.backend, "element_counts", None)
+    return torch.from_numpy(group.work.numel) if counts is None else counts(group.work)
+
+
+def _from_host(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on ``device``, without a host stall for a GPU."""
+    return torch.from_numpy(a) if device.type == "cpu" else to_device_async(a, device)
 
 
 def _to(raw: RawStats, device: torch.device) -> RawStats:

@@ -75,3 +75,27 @@ def test_info_command_prints_build(tmp_path):
     assert "backends:" in out and "torch" in out
     if gk.backends()["cpp"].usable:
         assert "OpenMP" in out and "SIMD" in out
+
+
+def test_numba_cuda_that_cannot_compile_is_reported_unusable():
+    # numba-cuda imports and sees the GPU, then fails at its first compile when it does not
+    # match numpy (seen on an H100 machine: numpy 2.5 has no np.row_stack)
+    from gradkern.backends import numba_cuda_compile_error
+
+    class BrokenCompiler:
+        @staticmethod
+        def compile_ptx(pyfunc, signature):
+            raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+
+    class WorkingCompiler:
+        calls = []
+
+        @staticmethod
+        def compile_ptx(pyfunc, signature):
+            WorkingCompiler.calls.append(signature)
+            return ".entry touch", None
+
+    why = numba_cuda_compile_error(BrokenCompiler)
+    assert "cannot compile" in why and "row_stack" in why and "numpy" in why
+    assert numba_cuda_compile_error(WorkingCompiler) == ""
+    assert len(WorkingCompiler.calls) == 1

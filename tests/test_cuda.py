@@ -39,9 +39,10 @@ def cuda_backend(request):
 def test_total_norm_matches_reference(dtype, p):
     grads = cuda_grads([1, 17, 65_536, 65_537, 300_001, 0], dtype)
     got = gk.get_total_norm(grads, p)
-    want = reference_norm([g.cpu() for g in grads], p)
+    # torch rounds the norm to the grads' dtype: an fp16 L1 or L0 norm over 450k values is inf
+    want = reference_norm([g.cpu() for g in grads], p).to(dtype)
     assert got.device.type == "cuda" and got.dtype == dtype
-    torch.testing.assert_close(got.double().cpu(), want, rtol=ulp_tolerance(dtype), atol=0)
+    torch.testing.assert_close(got.cpu(), want, rtol=ulp_tolerance(dtype), atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

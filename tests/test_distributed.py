@@ -328,7 +328,10 @@ def check_fsdp2(rank, world, out_dir):
             with open(os.path.join(out_dir, "skip"), "w") as f:
                 f.write(f"{type(exc).__name__}: {exc}")
         return
-    reference(x).pow(2).mean().backward()
+    # FSDP2 puts the shards on its mesh's device: the GPU wherever torch has one
+    device = next(model.parameters()).device
+    reference.to(device)
+    reference(x.to(device)).pow(2).mean().backward()
     # every rank saw the same batch, so FSDP2's averaged grads equal the reference grads
     want = gk.get_total_norm([p.grad for p in reference.parameters()])
     assert gk.grad_stats(model.parameters()).numel.tolist() == [p.numel() for p in
@@ -336,8 +339,12 @@ def check_fsdp2(rank, world, out_dir):
     got = gk.clip_grad_norm_(model.parameters(), 0.1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
     torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+    # each rank's shard against its rows of the reference (FSDP2 cuts dim 0 like torch.chunk);
+    # full_tensor() would do the same through torch's functional collectives, which crashed
+    # (SIGSEGV) with gloo on CUDA tensors under torch 2.11
     for p, r in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad.full_tensor(), r.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(p.grad.to_local(), r.grad.chunk(world, dim=0)[rank],
+                                   rtol=1e-5, atol=1e-7)
     # the Monitor on the sharded model reports the whole model's layers
     mon = gk.Monitor(model, group=dist.group.WORLD, log_every=1, detectors=None)
     mon.step()

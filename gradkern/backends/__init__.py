@@ -97,10 +97,36 @@ def _probe_numba_cuda() -> tuple[BackendInfo, Backend | None]:
     try:
         from .numba_cuda import NumbaCudaBackend
 
-        return BackendInfo(True, True, "", ("cuda",)), NumbaCudaBackend()
+        backend = NumbaCudaBackend()
     except Exception as exc:  # e.g. an llvmlite that cannot lower the kernels' intrinsics
         return BackendInfo(True, False, f"numba-cuda kernels did not load: {exc}", ("cuda",)), \
             None
+    why = numba_cuda_compile_error(numba_cuda)
+    if why:
+        return BackendInfo(True, False, why, ("cuda",)), None
+    return BackendInfo(True, True, "", ("cuda",)), backend
+
+
+def numba_cuda_compile_error(numba_cuda) -> str:
+    """Why ``numba_cuda`` cannot compile a kernel here ('' when it can), found by compiling a
+    one-line kernel to PTX (well under a second, and the first real compile skips the part it
+    shares). numba-cuda imports and finds the GPU without ever loading its lowering registries, so
+    a release that does not match the installed numpy fails only then: numba-cuda 0.30.4 with
+    numpy 2.5.2 raises AttributeError for ``np.row_stack`` at the first compile (seen on an H100)."""
+
+    def touch(a):
+        a[0] = 0.0
+
+    from numba import types
+
+    try:
+        numba_cuda.compile_ptx(touch, (types.float64[:],))
+    except Exception as exc:
+        import numpy
+
+        return (f"numba-cuda cannot compile kernels here ({type(exc).__name__}: {exc}); it may "
+                f"not support numpy {numpy.__version__}")
+    return ""
 
 
 _probed: dict[str, tuple[BackendInfo, Backend | None]] = {}

@@ -84,3 +84,13 @@ class DeviceTableCache:
         else:
             self._tables.move_to_end(key)
         return table
+
+    def element_counts(self, ws: WorkSet, device: torch.device) -> torch.Tensor:
+        """``ws.numel`` on ``device`` (int64), the caller's to keep or modify.
+
+        For dense tensors it is a device-side copy of the table's own counts: a copy from host
+        memory would either stall the host (pageable memory) or, inside CUDA-graph capture,
+        freeze a host staging buffer into the graph."""
+        if ws.implicit_zeros is not None:  # sparse: the table counts stored values, not all
+            return to_device_async(ws.numel, device)
+        return self.get(ws, device).numel.clone()

@@ -38,7 +38,13 @@ def empty_stats(n: int, device: torch.device | str = "cpu") -> RawStats:
 
 
 class Backend(Protocol):
-    """A set of kernels. Inputs are contiguous, dense, validated tensors on one device."""
+    """A set of kernels. Inputs are contiguous, dense, validated tensors on one device.
+
+    Optional methods, looked up with ``getattr``: ``read_tensor_stats(tensors, spec)`` (read the
+    table and run :meth:`tensor_stats` in one call; the C++ CPU backend) and
+    ``element_counts(ws)`` (``ws.numel`` as a tensor on the device without a host sync; the CUDA
+    backends). Without them the engine reads the table first and uses the host counts.
+    """
 
     name: str
 

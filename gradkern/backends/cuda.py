@@ -52,6 +52,10 @@ class CudaBackend:
             table.extra["cuda"] = handles
         return handles, table.n_chunks
 
+    def element_counts(self, ws: WorkSet) -> torch.Tensor:
+        """The tensors' element counts on their device, without a host sync."""
+        return self._tables.element_counts(ws, device_of(ws))
+
     @staticmethod
     def _launch_args(device: torch.device) -> tuple[int, int]:
         return multiprocessors(device.index), torch.cuda.current_stream(device).cuda_stream

@@ -71,6 +71,10 @@ class NumbaCudaBackend:
             self._streams[handle] = stream
         return stream
 
+    def element_counts(self, ws: WorkSet) -> torch.Tensor:
+        """The tensors' element counts on their device, without a host sync."""
+        return self._tables.element_counts(ws, device_of(ws))
+
     @staticmethod
     def _blocks(device: torch.device, n_chunks: int) -> int:
         return max(1, min(n_chunks, _BLOCKS_PER_SM * multiprocessors(device.index)))
