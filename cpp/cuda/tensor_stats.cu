@@ -11,8 +11,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "element_bits.cuh"
+#include "persistent_grid.cuh"
 #include "gradkern/cuda_ops.h"
 
 namespace gradkern::cuda {
@@ -56,42 +58,73 @@ __device__ Partial warp_reduce(Partial p) {
   return p;
 }
 
+// One thread's statistics over its share of one chunk, kept in the format's own width: 32-bit
+// magnitudes for fp32/fp16/bf16 and 32-bit counts (a chunk has at most 2^16 elements). 64-bit
+// integer compares and adds are several instructions each on a GPU, and with eight bf16 values
+// per 16-byte load the per-element work, not memory, set the pace. The minimum magnitude is
+// tracked only for the -inf norm, the one kind that reads it.
 template <class F, NormKind K>
-__device__ void add_element(Partial& s, typename F::bits_t bits, double p) {
-  const std::uint64_t mag = static_cast<std::uint64_t>(bits) & F::kMask;
-  s.top = mag > s.top ? mag : s.top;
-  s.low = mag < s.low ? mag : s.low;
-  s.nonfinite += mag >= F::kInf;
-  s.zeros += mag == 0;
-  if constexpr (K == NormKind::l1 || K == NormKind::l2 || K == NormKind::power) {
-    const double v = F::value(mag);
-    if constexpr (K == NormKind::l1) s.acc += v;
-    if constexpr (K == NormKind::l2) s.acc += v * v;
-    if constexpr (K == NormKind::power) s.acc += pow(v, p);
+struct ThreadStats {
+  using Mag = std::conditional_t<sizeof(typename F::bits_t) == 8, std::uint64_t, std::uint32_t>;
+  static constexpr Mag kMask = static_cast<Mag>(F::kMask), kInf = static_cast<Mag>(F::kInf);
+  static constexpr Mag kNone = ~Mag{0};
+
+  double acc = 0.0;
+  Mag top = 0, low = kNone;
+  unsigned nonfinite = 0, zeros = 0;
+
+  __device__ void add(typename F::bits_t bits, double p) {
+    const Mag mag = static_cast<Mag>(bits) & kMask;
+    top = mag > top ? mag : top;
+    if constexpr (K == NormKind::min_abs) low = mag < low ? mag : low;
+    nonfinite += mag >= kInf;
+    zeros += mag == 0;
+    if constexpr (K == NormKind::l1 || K == NormKind::l2 || K == NormKind::power) {
+      const double v = F::value(mag);
+      if constexpr (K == NormKind::l1) acc += v;
+      if constexpr (K == NormKind::l2) acc += v * v;
+      if constexpr (K == NormKind::power) acc += pow(v, p);
+    }
   }
-}
+
+  __device__ void add_vector(const uint4& w, double p) {
+    using B = typename F::bits_t;
+    constexpr int kLanes = 16 / sizeof(B);
+    B lanes[kLanes];
+    memcpy(lanes, &w, sizeof w);
+#pragma unroll
+    for (int j = 0; j < kLanes; ++j) add(lanes[j], p);
+  }
+
+  __device__ Partial widen() const {
+    return Partial{acc, top, low == kNone ? kNoMin : low, nonfinite, zeros};
+  }
+};
 
 template <class F, NormKind K>
 __device__ Partial thread_partial(const void* base, std::int64_t begin, std::int64_t n, double p) {
   using B = typename F::bits_t;
   const B* x = static_cast<const B*>(base) + begin;
-  Partial s = identity();
+  ThreadStats<F, K> s;
   constexpr int kVec = 16 / sizeof(B);
   std::int64_t done = 0;
   if ((reinterpret_cast<std::uintptr_t>(x) & 15) == 0) {
     const std::int64_t n_vec = n / kVec;
     const uint4* v = reinterpret_cast<const uint4*>(x);
-    for (std::int64_t i = threadIdx.x; i < n_vec; i += blockDim.x) {
-      const uint4 w = __ldg(v + i);
-      B lanes[kVec];
-      memcpy(lanes, &w, sizeof w);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) add_element<F, K>(s, lanes[j], p);
+    const std::int64_t stride = blockDim.x;
+    std::int64_t i = threadIdx.x;
+    // Two loads in flight per thread before either is used; the elements are still added in
+    // the same order as one vector at a time.
+    for (; i + stride < n_vec; i += 2 * stride) {
+      const uint4 w0 = __ldg(v + i), w1 = __ldg(v + i + stride);
+      s.add_vector(w0, p);
+      s.add_vector(w1, p);
     }
+    if (i < n_vec) s.add_vector(__ldg(v + i), p);
     done = n_vec * kVec;
   }
-  for (std::int64_t i = done + threadIdx.x; i < n; i += blockDim.x) add_element<F, K>(s, x[i], p);
-  return s;
+  for (std::int64_t i = done + threadIdx.x; i < n; i += blockDim.x) s.add(x[i], p);
+  return s.widen();
 }
 
 template <NormKind K>
@@ -149,7 +182,8 @@ template <NormKind K>
 void launch(const DeviceTable& t, double p, CudaStatsOut out, int sm_count, cudaStream_t stream) {
   auto* parts = static_cast<Partial*>(out.workspace);
   if (t.n_chunks > 0) {
-    const std::int64_t blocks = std::min<std::int64_t>(t.n_chunks, std::int64_t{8} * sm_count);
+    static const int per_sm = resident_blocks_per_sm(chunk_partials<K>, kThreads);
+    const std::int64_t blocks = persistent_grid(per_sm, sm_count, t.n_chunks);
     chunk_partials<K><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(t, p, parts);
   }
   if (t.n_tensors > 0) {
