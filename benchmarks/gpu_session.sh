@@ -22,7 +22,7 @@ for step in "$@"; do
       (cd /tmp && gradkern info) 2>&1 | tee "$out/gpu-info.log" || status=1
       ;;
     tests)
-      (cd /tmp && GRADKERN_REQUIRE=cpp,numba,numba_cuda,cuda python -m pytest -q -rs \
+      (cd /tmp && GRADKERN_REQUIRE=cpp,numba,numba_cuda,cuda python -m pytest -q -rfEs \
         -p no:cacheprovider "$repo/tests/test_cuda.py" "$repo/tests/test_backends.py" \
         "$repo/tests/test_distributed.py") 2>&1 | tee "$out/gpu-tests.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
