@@ -34,12 +34,16 @@ except ImportError:
     _cpu = None
 
 if _cpu is not None:
-    from ._torch_layout import find_layout
+    from ._torch_layout import find_cuda_layout, find_layout
 
     # Where torch keeps each tensor's metadata, and how the C readers get it: see _torch_layout.
     _LAYOUT, READER = find_layout(_cpu)
 else:
     _LAYOUT, READER = None, "Python (the C++ module is not built)"
+
+# The same for each CUDA device, found the first time its tensors are read (never at import).
+_CUDA_LAYOUTS: dict[int, object] = {}
+CUDA_READERS: dict[int, str] = {}
 
 
 def describe(i: int, names: Sequence[str] | None) -> str:
@@ -101,10 +105,24 @@ def result_dtype_of_mask(dtype_mask: int) -> torch.dtype:
     return _RESULT_DTYPE_BY_MASK[dtype_mask]
 
 
-def reader_arguments() -> tuple[type, tuple[torch.dtype, ...], object]:
+def reader_arguments(device: torch.device | None = None) -> tuple[type, tuple[torch.dtype, ...],
+                                                                  object]:
     """What the C table readers take to recognise a plain tensor: the tensor type, the dtypes in
-    code order, and the ``_cpu.TorchLayout`` they prefetch through (and read CPU rows with)."""
-    return torch.Tensor, _DTYPES_BY_CODE, _LAYOUT
+    code order, and the ``_cpu.TorchLayout`` they prefetch through and read rows with: the CPU
+    one, or for a CUDA ``device`` that device's (see ``_torch_layout.find_cuda_layout``)."""
+    if device is None or device.type != "cuda" or _LAYOUT is None:
+        return torch.Tensor, _DTYPES_BY_CODE, _LAYOUT
+    index = torch.cuda.current_device() if device.index is None else device.index
+    layout = _CUDA_LAYOUTS.get(index)
+    if layout is None:
+        if torch.cuda.is_current_stream_capturing():
+            # The probe launches work of its own, which must not land in the caller's graph:
+            # this call reads its rows through the getters, and a later one probes.
+            return torch.Tensor, _DTYPES_BY_CODE, _LAYOUT
+        with torch.cuda.device(index):
+            layout, CUDA_READERS[index] = find_cuda_layout(_LAYOUT, index)
+        _CUDA_LAYOUTS[index] = layout
+    return torch.Tensor, _DTYPES_BY_CODE, layout
 
 
 def read_dense_table(tensors: list[torch.Tensor], device: torch.device) -> WorkSet | None:
@@ -117,7 +135,7 @@ def read_dense_table(tensors: list[torch.Tensor], device: torch.device) -> WorkS
     if _cpu is None or device.type not in ("cpu", "cuda"):
         return None
     flag, index = ("is_cpu", -1) if device.type == "cpu" else ("is_cuda", device.index)
-    tensor_type, dtypes, layout = reader_arguments()
+    tensor_type, dtypes, layout = reader_arguments(device)
     data, numel, codes, ok, dtype_mask = _cpu.read_tensor_table(tensors, tensor_type, dtypes,
                                                                 flag, index, layout)
     if not ok.all():

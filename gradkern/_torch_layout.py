@@ -216,12 +216,13 @@ def _check(layout) -> None:
 
 
 def _must_read() -> list[torch.Tensor]:
-    x = torch.nn.Parameter(torch.randn(6, 5))
+    # No random numbers anywhere in the probe: it must leave torch's generators as they were.
+    x = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 30).view(6, 5))
     (x.sin() * 2).sum().backward()  # a gradient made by autograd
-    tensors = [x.grad, torch.randn(7, 3).detach(), torch.arange(40.0)[17:31],
+    tensors = [x.grad, torch.ones(7, 3).detach(), torch.arange(40.0)[17:31],
                torch.from_numpy(np.arange(12, dtype=np.float64))]
     for dtype in DTYPES:
-        tensors += [torch.randn(1000).to(dtype), torch.zeros(2, 3, 4, dtype=dtype),
+        tensors += [torch.linspace(-3.0, 3.0, 1000).to(dtype), torch.zeros(2, 3, 4, dtype=dtype),
                     torch.ones((), dtype=dtype), torch.empty(0, dtype=dtype),
                     torch.ones(30, dtype=dtype)[11:], torch.ones(4, 1, 1, 1, dtype=dtype)]
     return tensors
@@ -260,3 +261,118 @@ def _must_refuse() -> list[tuple[str, Callable[[], torch.Tensor]]]:
         ("sparse", lambda: torch.zeros(4).to_sparse()),
         ("meta", lambda: torch.zeros(4, device="meta")),
     ]
+
+
+# c10::DeviceType numbers, and c10::DeviceIndex -1 ("no index") as the byte a CPU tensor holds.
+_CPU_DEVICE_TYPE, _CUDA_DEVICE_TYPE, _NO_INDEX = 0, 1, 0xFF
+
+
+def find_cuda_layout(layout, index: int) -> tuple[object, str]:
+    """``(layout, report)`` for the tensors of CUDA device ``index``: the CPU ``layout`` with the
+    CUDA dispatch key set, and the place where a TensorImpl keeps its device, found by comparing
+    CPU and CUDA probes; then checked like the CPU layout, on fresh CUDA tensors. On any failure
+    the CPU layout comes back (the reader then asks torch's getters for CUDA rows).
+
+    Called the first time a list of CUDA tensors is read, so importing gradkern never touches
+    the GPU; every probe is made on the device (no copy from the host, so no host sync).
+    """
+    if not layout.direct:
+        return layout, "torch's getters (no direct reads on the CPU either)"
+    if os.environ.get("GRADKERN_DIRECT_READ", "1") == "0":
+        return layout, "torch's getters (direct reads turned off by GRADKERN_DIRECT_READ=0)"
+    try:
+        device = torch.device("cuda", index)
+        usable = _usable_size()
+        cuda_probes = _cuda_probe_tensors(device)
+        cpu_probes = _probe_tensors()
+        keys = {torch._C._dispatch_keys(t).raw_repr() for t in cuda_probes}
+        if len(keys) != 1:
+            raise LayoutNotFound("plain CUDA tensors differ in dispatch keys")
+        size = min(min(usable(t._cdata) for t in cuda_probes + cpu_probes), _IMPL_WINDOW)
+        cuda_impl = np.stack([_bytes(t._cdata, size) for t in cuda_probes])
+        cpu_impl = np.stack([_bytes(t._cdata, size) for t in cpu_probes])
+        vtables = set(_words(cuda_impl)[:, 0].tolist())
+        if len(vtables) != 1:
+            raise LayoutNotFound("plain CUDA tensors differ in their first word")
+        device_at = device_field_offset(cpu_impl, cuda_impl, _CUDA_DEVICE_TYPE, index)
+        found = layout.for_device(vtables.pop(), keys.pop(), device_at,
+                                  _CUDA_DEVICE_TYPE | index << 8)
+        _check_cuda(found, device)
+    except Exception as exc:  # whatever went wrong, the getters stay in charge
+        return layout, f"torch's getters for cuda:{index} (direct reads off: {exc})"
+    return found, f"direct for cuda:{index}, device field found and checked"
+
+
+def _cuda_probe_tensors(device: torch.device) -> list[torch.Tensor]:
+    """Plain tensors of ``device``, made there: sizes, storage offsets, dtypes and contiguity
+    vary, as in the CPU probes."""
+    probes = []
+    for k, dtype in enumerate(DTYPES):
+        def make(*shape):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        leaf = torch.nn.Parameter(make(9 + k))
+        leaf.grad = make(9 + k)
+        probes += [make(3 + k), make(64 + 13 * k)[5 + k: 29 + 2 * k], make(4, 6 + k).t(),
+                   make(()), make(0), leaf.grad]
+    return probes
+
+
+def device_field_offset(cpu_impl: np.ndarray, other_impl: np.ndarray, device_type: int,
+                        index_byte: int) -> int:
+    """Byte offset of the c10::Device in a TensorImpl: the one place where every CPU probe (rows
+    of ``cpu_impl``) holds the bytes (CPU, -1) and every probe of the other device (rows of
+    ``other_impl``) holds (``device_type``, ``index_byte``)."""
+    def pairs(impl: np.ndarray, first: int, second: int) -> np.ndarray:
+        return (impl[:, :-1] == first).all(0) & (impl[:, 1:] == second).all(0)
+
+    width = min(cpu_impl.shape[1], other_impl.shape[1])
+    hits = np.flatnonzero(pairs(cpu_impl[:, :width], _CPU_DEVICE_TYPE, _NO_INDEX) &
+                          pairs(other_impl[:, :width], device_type, index_byte))
+    if len(hits) != 1:
+        raise LayoutNotFound(f"{len(hits)} places match the device")
+    return int(hits[0])
+
+
+def _check_cuda(layout, device: torch.device) -> None:
+    """Raises LayoutNotFound unless ``layout`` reads every plain tensor of ``device`` as torch's
+    getters do and refuses CPU tensors, other GPUs' tensors and the kinds that need the getters.
+    Everything is made on the device: no host sync."""
+    x = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 30, device=device).view(6, 5))
+    (x.sin() * 2).sum().backward()  # a gradient made by autograd
+    tensors = [x.grad, torch.ones(7, 3, device=device),
+               torch.arange(40.0, device=device)[17:31]]
+    for dtype in DTYPES:
+        def make(*shape):
+            return torch.ones(*shape, dtype=dtype, device=device)
+
+        tensors += [make(1000), make(2, 3, 4), make(()), make(0), make(30)[11:], make(4, 1, 1, 1)]
+    for t in tensors:
+        expected = (t.data_ptr(), t.numel(), DTYPES.index(t.dtype))
+        got = layout.read(t)
+        if got != expected:
+            raise LayoutNotFound(f"read {got} where torch says {expected}")
+
+    def inference():
+        with torch.inference_mode():
+            return torch.zeros(4, device=device)
+
+    refuse = [("CPU", lambda: torch.zeros(4)), ("inference-mode", inference),
+              ("non-contiguous", lambda: torch.zeros(4, 6, device=device).t()),
+              ("negative-view", lambda: torch.zeros(4, device=device)._neg_view()),
+              ("Parameter", lambda: torch.nn.Parameter(torch.zeros(4, device=device))),
+              ("int32", lambda: torch.zeros(4, dtype=torch.int32, device=device))]
+    for name, make in refuse:
+        if layout.read(make()) is not None:
+            raise LayoutNotFound(f"a {name} tensor was read directly")
+    if not refuses_another_index(layout, tensors):
+        raise LayoutNotFound("the device index is not where the probe found it")
+
+
+def refuses_another_index(layout, tensors: list[torch.Tensor]) -> bool:
+    """Whether ``layout`` made for another device index (the index byte's lowest bit flipped)
+    refuses every one of ``tensors``, which ``layout`` reads. Another GPU's tensors differ from
+    these only in that byte; making some would start a CUDA context on every other GPU."""
+    other = layout.for_device(layout.vtable, layout.key_set, layout.device_at,
+                              layout.device ^ 0x0100)
+    return all(other.read(t) is None for t in tensors)

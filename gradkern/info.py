@@ -21,9 +21,20 @@ def build_report() -> dict:
         "cpu_build": None if cpp._cpu is None else dict(cpp._cpu.build_info()),
         "cuda_build": cuda.runtime_info(),
         "table_reader": _table.READER,
+        "cuda_table_reader": _cuda_table_reader(),
         "backends": {name: vars(info) for name, info in backends().items()},
     }
     return report
+
+
+def _cuda_table_reader() -> str | None:
+    """How the rows of the current GPU's tensors are read, or None without a GPU (finding out
+    makes a few tensors on it)."""
+    if _table._cpu is None or not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device()
+    _table.reader_arguments(torch.device("cuda", index))
+    return _table.CUDA_READERS[index]
 
 
 def print_info() -> None:
@@ -40,6 +51,8 @@ def print_info() -> None:
     else:
         print("CPU module : not built")
     print(f"table rows : {r['table_reader']}")
+    if r["cuda_table_reader"]:
+        print(f"  on a GPU : {r['cuda_table_reader']}")
     cu = r["cuda_build"]
     if cu:
         print(f"CUDA module: runtime {cu['runtime_version']}, archs {cu['archs']}, "

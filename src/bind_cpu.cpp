@@ -203,6 +203,25 @@ PYBIND11_MODULE(_cpu, m) {
            "the offsets that let CPU rows be read without torch's getters, or None.")
       .def_readonly("impl", &TorchLayout::impl)
       .def_readonly("direct", &TorchLayout::direct)
+      .def_readonly("device_at", &TorchLayout::device_at)
+      .def_readonly("vtable", &TorchLayout::vtable)
+      .def_readonly("key_set", &TorchLayout::key_set)
+      .def_readonly("device", &TorchLayout::device)
+      .def(
+          "for_device",
+          [](const TorchLayout& layout, std::uint64_t vtable, std::uint64_t key_set,
+             Py_ssize_t device_at, std::uint16_t device) {
+            if (!layout.direct) throw py::value_error("for_device needs a layout with direct reads");
+            if (device_at < 8 || device_at + 2 > layout.key_set_at) {
+              throw py::value_error("implausible offset for the device");
+            }
+            return layout.for_device(vtable, key_set, device_at, device);
+          },
+          py::arg("vtable"), py::arg("key_set"), py::arg("device_at"), py::arg("device"),
+          py::keep_alive<0, 1>(),
+          "This layout for the tensors of one GPU: their C++ class (vtable), dispatch key set, "
+          "and where the TensorImpl keeps its device (type byte, index byte) with the two bytes "
+          "it must hold (type | index << 8).")
       .def(
           "read",
           [](const TorchLayout& layout, py::handle t) -> py::object {

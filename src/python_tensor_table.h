@@ -123,10 +123,17 @@ class TensorTableReader {
         nbytes_(tensor_type, "nbytes", TensorAttribute::kProperty) {
     if (dtypes.size() != 4) throw py::value_error("dtypes: expected the 4 dtypes in code order");
     for (int i = 0; i < 4; ++i) dtypes_[i] = dtypes[i].ptr();
-    // The layout describes objects of its own tensor type, and the direct read knows CPU
-    // tensors only (which have no device index).
+    // The layout describes objects of its own tensor type, and reads directly only the tensors
+    // of the device it was made for: a CPU layout (no device field) for a CPU table, a layout
+    // that checks the device field against this CUDA index for a CUDA table.
     if (layout_.tensor_type != tensor_type_) layout_ = TorchLayout{};
-    if (std::strcmp(device_flag, "is_cpu") != 0 || device_index >= 0) layout_.direct = false;
+    const bool cpu_table = std::strcmp(device_flag, "is_cpu") == 0 && device_index < 0;
+    const bool cuda_table = std::strcmp(device_flag, "is_cuda") == 0 && device_index >= 0;
+    const bool fits = cpu_table ? layout_.device_at < 0
+                                : cuda_table && layout_.device_at >= 0 &&
+                                      (layout_.device & 0xff) == kCudaDeviceType &&
+                                      static_cast<std::int8_t>(layout_.device >> 8) == device_index;
+    if (!fits) layout_.direct = false;
   }
 
   // Fills row and returns true when t is a plain, contiguous, dense tensor of a known dtype on

@@ -13,7 +13,8 @@
 // autograd; no conjugate/negative bit, no Python key, no inference mode), contiguous, of one of
 // the four dtypes, and whose storage has no access checks (copy-on-write, throw-on-access or
 // deprecation warnings all raise StorageImpl's one "has checks" flag). Anything else returns
-// false and goes through the getters.
+// false and goes through the getters. A layout for one GPU (for_device) reads the same fields of
+// CUDA tensors, with the CUDA key set, and checks the device index too.
 #pragma once
 
 #include <Python.h>
@@ -31,6 +32,9 @@ struct TableRow {
 
 // Bytes per element of each dtype code (f32, f64, f16, bf16).
 constexpr std::int64_t kElementSize[4] = {4, 8, 2, 2};
+
+// c10::DeviceType::CUDA, the type byte of a CUDA tensor's c10::Device (the probe confirms it).
+constexpr std::uint16_t kCudaDeviceType = 1;
 
 template <class T>
 inline T load(const void* base, Py_ssize_t offset) {
@@ -59,6 +63,24 @@ struct TorchLayout {
   Py_ssize_t data_at = 0, nbytes_at = 0, checks_at = 0;
   std::uint64_t checks_mask = 0;  // the "has checks" flag (and its neighbours set with it)
 
+  // For a layout that reads the tensors of one GPU (made by for_device): where the TensorImpl
+  // keeps its c10::Device (type byte, then index byte) and the two bytes it must hold. -1: a CPU
+  // layout, whose key set alone says CPU.
+  Py_ssize_t device_at = -1;
+  std::uint16_t device = 0;
+
+  // This layout, reading tensors with another dispatch key set and C++ class, on the device
+  // `device_bytes` (type | index << 8) found at `at`.
+  TorchLayout for_device(std::uint64_t vtable_of, std::uint64_t keys, Py_ssize_t at,
+                         std::uint16_t device_bytes) const {
+    TorchLayout other = *this;
+    other.vtable = vtable_of;
+    other.key_set = keys;
+    other.device_at = at;
+    other.device = device_bytes;
+    return other;
+  }
+
   // The TensorImpl of a tensor object of an exact tensor type (one at least impl + 8 bytes big).
   const char* impl_of(PyObject* t) const { return load<const char*>(t, impl); }
 
@@ -71,6 +93,7 @@ struct TorchLayout {
         load<std::uint64_t>(ti, key_set_at) != key_set) {
       return false;
     }
+    if (device_at >= 0 && load<std::uint16_t>(ti, device_at) != device) return false;
     if ((load<std::uint8_t>(ti, contiguous_byte) & contiguous_mask) == 0) return false;
     const int code = dtype_code(load<std::uint16_t>(ti, dtype_at));
     if (code < 0) return false;

@@ -173,3 +173,39 @@ def test_tensor_over_2_31_elements_fp16():
     assert s.zeros.item() == n - 2
     del g
     torch.cuda.empty_cache()
+
+
+def test_cuda_rows_are_read_directly_as_torchs_getters_say():
+    import os
+
+    from gradkern import _table
+
+    if os.environ.get("GRADKERN_DIRECT_READ", "1") == "0":
+        pytest.skip("GRADKERN_DIRECT_READ=0 in this run")
+    device = torch.device("cuda", torch.cuda.current_device())
+    grads = [torch.ones(1000, device=device) for _ in range(3)]
+    gk.get_total_norm(grads)  # the device table is built outside the capture, as torch asks
+    # the layout probed afresh: never inside a graph capture (a call there uses the getters) ...
+    _table._CUDA_LAYOUTS.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        norm = gk.get_total_norm(grads)
+    graph.replay()
+    torch.testing.assert_close(norm.cpu(), torch.tensor(3000.0).sqrt())
+    assert not _table._CUDA_LAYOUTS
+    # ... and with no host sync of its own
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layout = _table.reader_arguments(device)[2]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert layout.direct and layout.device_at >= 0, _table.CUDA_READERS[device.index]
+    base = torch.randn(10_000, device=device)
+    tensors = [base, base[123:], base[:0], torch.zeros((), device=device)]
+    tensors += [base.to(dtype)[7:] for dtype in DTYPES]
+    for t in tensors:
+        assert layout.read(t) == (t.data_ptr(), t.numel(), DTYPES.index(t.dtype)), t.dtype
+    for t in (base.cpu(), base.view(100, 100).t(), torch.nn.Parameter(base.clone()),
+              base.to(torch.int32)):
+        assert layout.read(t) is None

@@ -180,3 +180,90 @@ def test_any_failure_of_the_probe_leaves_the_getters_in_charge(monkeypatch):
     found, report = _torch_layout.find_layout(_cpu)
     assert not found.direct and found.impl == layout().impl
     assert "getters" in report and "internals moved" in report
+
+
+# -- layouts for one device (find_cuda_layout). Without a GPU, meta tensors stand in: their
+# c10::Device differs from a CPU tensor's in the type byte, as a CUDA tensor's does.
+
+_META_DEVICE_TYPE = 14  # c10::DeviceType::Meta
+
+
+def _impl_bytes(tensors, size=None):
+    import ctypes
+
+    from gradkern._torch_layout import _usable_size
+
+    usable = _usable_size()
+    size = size or min(min(usable(t._cdata) for t in tensors), 512)
+    return np.stack([np.frombuffer(ctypes.string_at(t._cdata, size), dtype=np.uint8)
+                     for t in tensors])
+
+
+def _device_offset_from_meta_tensors():
+    from gradkern._torch_layout import device_field_offset
+
+    cpu = [torch.zeros(3 + k, dtype=d) for k, d in enumerate(DTYPES)] + [torch.randn(4, 5)[1:]]
+    meta = [torch.empty(3 + k, dtype=d, device="meta") for k, d in enumerate(DTYPES)]
+    return device_field_offset(_impl_bytes(cpu), _impl_bytes(meta), _META_DEVICE_TYPE, 0xFF)
+
+
+def test_the_device_field_is_the_one_place_where_the_device_bytes_differ():
+    from gradkern._torch_layout import LayoutNotFound, device_field_offset
+
+    rng = np.random.default_rng(0)
+    cpu, cuda = (rng.integers(2, 250, size=(6, 96), dtype=np.uint8) for _ in range(2))
+    cpu[:, 40:42], cuda[:, 40:42] = (0, 0xFF), (1, 3)
+    assert device_field_offset(cpu, cuda, 1, 3) == 40
+    with pytest.raises(LayoutNotFound, match="0 places"):
+        device_field_offset(cpu, cuda, 1, 2)  # another GPU's index
+    cuda[2, 40] = 0  # one probe says otherwise
+    with pytest.raises(LayoutNotFound, match="0 places"):
+        device_field_offset(cpu, cuda, 1, 3)
+    cuda[2, 40] = 1
+    cpu[:, 70:72], cuda[:, 70:72] = (0, 0xFF), (1, 3)  # ambiguous
+    with pytest.raises(LayoutNotFound, match="2 places"):
+        device_field_offset(cpu, cuda, 1, 3)
+
+
+@pytest.mark.skipif(not direct_reads_wanted(), reason="GRADKERN_DIRECT_READ=0 in this run")
+def test_a_layout_for_one_device_reads_only_tensors_whose_device_bytes_match():
+    probe = torch.zeros(4)
+    vtable = int(_impl_bytes([probe], 8).view(np.uint64)[0, 0])
+    keys = torch._C._dispatch_keys(probe).raw_repr()
+    at = _device_offset_from_meta_tensors()
+    as_cpu = layout().for_device(vtable, keys, at, 0 | 0xFF << 8)  # CPU's own device bytes
+    as_gpu = layout().for_device(vtable, keys, at, 1 | 0 << 8)  # cuda:0's
+    assert as_cpu.device_at == at and layout().device_at == -1
+    for t in _plain_tensors():
+        assert as_cpu.read(t) == layout().read(t), t.shape
+        assert as_gpu.read(t) is None, t.shape
+    for make in _must_go_through_getters().values():
+        assert as_cpu.read(make()) is None
+    with pytest.raises(ValueError, match="implausible"):
+        layout().for_device(vtable, keys, 4, 0)
+    from gradkern._torch_layout import refuses_another_index
+
+    assert as_cpu.device == 0xFF00 and refuses_another_index(as_cpu, _plain_tensors())
+
+
+def test_without_a_gpu_cuda_rows_come_from_the_getters():
+    from gradkern import _table, _torch_layout
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU (tests/test_cuda.py checks direct CUDA reads)")
+    found, report = _torch_layout.find_cuda_layout(layout(), 0)
+    assert found is layout() and report.startswith("torch's getters for cuda:0")
+    if not direct_reads_wanted():
+        return
+    assert _torch_layout.find_cuda_layout(
+        _table._cpu.TorchLayout(torch.Tensor, layout().impl), 0)[1].startswith("torch's getters")
+
+
+def test_importing_gradkern_leaves_torchs_random_numbers_alone():
+    code = ("import torch; torch.manual_seed(7); import gradkern; "
+            "from gradkern import _table; print(torch.randn(3).tolist())")
+    plain = "import torch; torch.manual_seed(7); print(torch.randn(3).tolist())"
+    outputs = [subprocess.run([sys.executable, "-c", c], capture_output=True, text=True,
+                              check=True, cwd=os.path.dirname(os.path.dirname(sys.executable))
+                              ).stdout for c in (code, plain)]
+    assert outputs[0] == outputs[1]
