@@ -3,7 +3,8 @@
 // The coefficient is read from device memory (it is usually the result of the norm kernel that
 // just ran): a chunk whose coefficient is >= 1 and that needs no clamping returns before it
 // reads anything, so a clip-by-norm that does not clip costs one small launch and no traffic.
-// Clamping compares magnitude bits and writes only the elements that change; NaN stays NaN.
+// Clamping compares magnitude bits and stores only the 16-byte vectors (or, in a tail, the
+// elements) that change; NaN stays NaN.
 #include <cuda_runtime.h>
 
 #include <cmath>
