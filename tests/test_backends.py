@@ -99,3 +99,15 @@ def test_numba_cuda_that_cannot_compile_is_reported_unusable():
     assert "cannot compile" in why and "row_stack" in why and "numpy" in why
     assert numba_cuda_compile_error(WorkingCompiler) == ""
     assert len(WorkingCompiler.calls) == 1
+
+
+def test_a_table_upload_during_cuda_graph_capture_is_refused(monkeypatch):
+    # Inside a capture the upload would be recorded as a copy from a pinned staging block that
+    # torch reuses afterwards; a warm-up call outside the capture caches the table instead.
+    import numpy as np
+
+    from gradkern.backends import _device_table
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="warm-up step outside the capture"):
+        _device_table.to_device_async(np.zeros(3, dtype=np.int64), torch.device("cuda", 0))

@@ -209,3 +209,13 @@ def test_cuda_rows_are_read_directly_as_torchs_getters_say():
     for t in (base.cpu(), base.view(100, 100).t(), torch.nn.Parameter(base.clone()),
               base.to(torch.int32)):
         assert layout.read(t) is None
+
+
+def test_new_gradients_inside_a_graph_capture_raise_a_clear_error():
+    grads = [torch.ones(100, device="cuda") * (i + 1) for i in range(3)]  # never seen before
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="warm-up step outside the capture"):
+        with torch.cuda.graph(graph):
+            gk.get_total_norm(grads)
+    # outside the capture the same call works, and then it can be captured
+    torch.testing.assert_close(gk.get_total_norm(grads).cpu(), torch.tensor(1400.0).sqrt())

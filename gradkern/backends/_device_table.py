@@ -39,7 +39,17 @@ def to_device_async(a: np.ndarray, device: torch.device) -> torch.Tensor:
 
     The source goes through pinned memory: a copy from pageable memory may wait for the stream
     to drain first. torch's pinned-memory cache keeps the staging block alive until the copy has
-    run."""
+    run.
+
+    Raises RuntimeError during CUDA-graph capture: the graph would keep a copy from a staging
+    block that the host allocator reuses afterwards, so replays would read whatever is there.
+    What gradkern uploads (tables, clamp bounds) is cached, so one warm-up call outside the
+    capture, which torch asks for its own ops too, uploads it for good."""
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "gradkern needs one call with these gradients (and this clip value) before CUDA-graph "
+            "capture, to upload their table to the GPU: run a warm-up step outside the capture, "
+            "as torch asks for its own ops")
     return torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(device, non_blocking=True)
 
 
