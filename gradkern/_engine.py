@@ -73,14 +73,20 @@ def gather(tensors: list[torch.Tensor], names: Sequence[str] | None = None, *,
 
 def fused_stats(tensors: list[torch.Tensor], names: Sequence[str] | None,
                 spec: NormSpec) -> tuple[Gathered, RawStats, torch.Tensor] | None:
-    """:func:`gather` and :func:`tensor_stats` in one backend call, where the backend can read
-    the table itself (the C++ CPU backend: its pass overlaps the reading); None otherwise, or
-    when a tensor needs the general path. Only plain tensors pass, so never a DTensor."""
+    """The fast path of :func:`gather_stats`, for lists of plain dense tensors on one device:
+    the table read in one C loop, then the backend's pass; for the C++ CPU backend both in one
+    call (its pass overlaps the reading). None when a tensor needs the general path, so never
+    for a DTensor: a caller that gets a result need not look for one."""
     first = tensors[0].device
     backend = backend_for(first)
     read_tensor_stats = getattr(backend, "read_tensor_stats", None)
     if read_tensor_stats is None:
-        return None
+        dense = read_dense_table(tensors, first)
+        if dense is None:
+            return None
+        g = Gathered(tensors, names, [Group(backend, dense, None)], first,
+                     result_dtype_of_mask(dense.dtype_mask))
+        return (g, *tensor_stats(g, spec))
     hit = read_tensor_stats(tensors, spec)
     if hit is None:
         return None
@@ -92,16 +98,16 @@ def fused_stats(tensors: list[torch.Tensor], names: Sequence[str] | None,
 
 def gather_stats(tensors: list[torch.Tensor], names: Sequence[str] | None, spec: NormSpec, *,
                  fused_failed: bool = False) -> tuple[Gathered, RawStats, torch.Tensor]:
-    """``(gathered, raw, numel)``: :func:`gather` then :func:`tensor_stats`, fused where the
-    backend can. Raises (touching nothing) as :func:`gather` does. ``fused_failed``: the caller
-    already had :func:`fused_stats` return None for these tensors."""
+    """``(gathered, raw, numel)``: :func:`gather` then :func:`tensor_stats`, through
+    :func:`fused_stats` where it applies. Raises (touching nothing) as :func:`gather` does.
+    ``fused_failed``: the caller already had :func:`fused_stats` return None for these
+    tensors."""
     if not fused_failed:
         fused = fused_stats(tensors, names, spec)
         if fused is not None:
             return fused
-    # Where the fused reader ran and failed, the plain one would fail the same way.
-    tried = hasattr(backend_for(tensors[0].device), "read_tensor_stats")
-    g = gather(tensors, names, try_dense=not tried)
+    # fused_stats has read the table in one C loop and met a tensor that needs the general path
+    g = gather(tensors, names, try_dense=False)
     return (g, *tensor_stats(g, spec))
 
 
