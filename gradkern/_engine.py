@@ -52,9 +52,7 @@ def gather(tensors: list[torch.Tensor], names: Sequence[str] | None = None, *,
     first = tensors[0].device
     dense = read_dense_table(tensors, first) if try_dense else None
     if dense is not None:  # the common case, read in one C loop
-        group = Group(backend_for(first), dense, None)
-        return Gathered(tensors, names, [group], first,
-                        result_dtype_of_mask(dense.dtype_mask))
+        return _whole(tensors, names, backend_for(first), dense)
     if first.type == "cpu" and all(map(_is_cpu, tensors)):
         groups = [Group(backend_for(first), make_work_set(tensors, names), None)]
     else:
@@ -84,16 +82,21 @@ def fused_stats(tensors: list[torch.Tensor], names: Sequence[str] | None,
         dense = read_dense_table(tensors, first)
         if dense is None:
             return None
-        g = Gathered(tensors, names, [Group(backend, dense, None)], first,
-                     result_dtype_of_mask(dense.dtype_mask))
+        g = _whole(tensors, names, backend, dense)
         return (g, *tensor_stats(g, spec))
     hit = read_tensor_stats(tensors, spec)
     if hit is None:
         return None
     ws, raw = hit
-    g = Gathered(tensors, names, [Group(backend, ws, None)], first,
-                 result_dtype_of_mask(ws.dtype_mask))
-    return g, raw, torch.from_numpy(ws.numel)
+    return _whole(tensors, names, backend, ws), raw, torch.from_numpy(ws.numel)
+
+
+def _whole(tensors: list[torch.Tensor], names: Sequence[str] | None, backend: Backend,
+           ws: WorkSet) -> Gathered:
+    """Every tensor in one group, as a C table reader read them (its dtype mask gives torch's
+    result dtype)."""
+    return Gathered(tensors, names, [Group(backend, ws, None)], tensors[0].device,
+                    result_dtype_of_mask(ws.dtype_mask))
 
 
 def gather_stats(tensors: list[torch.Tensor], names: Sequence[str] | None, spec: NormSpec, *,

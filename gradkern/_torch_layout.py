@@ -201,12 +201,23 @@ def _storage_check_bits(usable, storage_size: int) -> tuple[int, int]:
 def _check(layout) -> None:
     """Raises LayoutNotFound unless ``layout`` reads every plain tensor as torch's getters do and
     refuses every tensor that must go through them."""
-    for t in _must_read():
+    _expect_reads(layout, _must_read(torch.device("cpu")))
+    _expect_refusals(layout, _must_refuse())
+
+
+def _expect_reads(layout, tensors: list[torch.Tensor]) -> None:
+    """Raises LayoutNotFound unless ``layout`` reads each of ``tensors`` as torch's getters do."""
+    for t in tensors:
         expected = (t.data_ptr(), t.numel(), DTYPES.index(t.dtype))
         got = layout.read(t)
         if got != expected:
             raise LayoutNotFound(f"read {got} where torch says {expected}")
-    for name, make in _must_refuse():
+
+
+def _expect_refusals(layout, makers: list[tuple[str, Callable[[], torch.Tensor]]]) -> None:
+    """Raises LayoutNotFound if ``layout`` reads any tensor the (name, make) pairs make; a kind
+    this torch cannot make is skipped."""
+    for name, make in makers:
         try:
             t = make()
         except (AttributeError, RuntimeError, TypeError):  # not in this torch: nothing to check
@@ -215,16 +226,22 @@ def _check(layout) -> None:
             raise LayoutNotFound(f"a {name} tensor was read directly")
 
 
-def _must_read() -> list[torch.Tensor]:
+def _must_read(device: torch.device) -> list[torch.Tensor]:
+    """Plain tensors of ``device``, made there (no copy from the host, so no host sync)."""
     # No random numbers anywhere in the probe: it must leave torch's generators as they were.
-    x = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 30).view(6, 5))
+    x = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 30, device=device).view(6, 5))
     (x.sin() * 2).sum().backward()  # a gradient made by autograd
-    tensors = [x.grad, torch.ones(7, 3).detach(), torch.arange(40.0)[17:31],
-               torch.from_numpy(np.arange(12, dtype=np.float64))]
+    tensors = [x.grad, torch.ones(7, 3, device=device).detach(),
+               torch.arange(40.0, device=device)[17:31]]
+    if device.type == "cpu":  # memory from numpy's allocator
+        tensors.append(torch.from_numpy(np.arange(12, dtype=np.float64)))
     for dtype in DTYPES:
-        tensors += [torch.linspace(-3.0, 3.0, 1000).to(dtype), torch.zeros(2, 3, 4, dtype=dtype),
-                    torch.ones((), dtype=dtype), torch.empty(0, dtype=dtype),
-                    torch.ones(30, dtype=dtype)[11:], torch.ones(4, 1, 1, 1, dtype=dtype)]
+        def make(*shape, fill=torch.ones):
+            return fill(*shape, dtype=dtype, device=device)
+
+        tensors += [torch.linspace(-3.0, 3.0, 1000, device=device).to(dtype),
+                    make(2, 3, 4, fill=torch.zeros), make(()), make(0, fill=torch.empty),
+                    make(30)[11:], make(4, 1, 1, 1)]
     return tensors
 
 
@@ -338,33 +355,19 @@ def _check_cuda(layout, device: torch.device) -> None:
     """Raises LayoutNotFound unless ``layout`` reads every plain tensor of ``device`` as torch's
     getters do and refuses CPU tensors, other GPUs' tensors and the kinds that need the getters.
     Everything is made on the device: no host sync."""
-    x = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 30, device=device).view(6, 5))
-    (x.sin() * 2).sum().backward()  # a gradient made by autograd
-    tensors = [x.grad, torch.ones(7, 3, device=device),
-               torch.arange(40.0, device=device)[17:31]]
-    for dtype in DTYPES:
-        def make(*shape):
-            return torch.ones(*shape, dtype=dtype, device=device)
-
-        tensors += [make(1000), make(2, 3, 4), make(()), make(0), make(30)[11:], make(4, 1, 1, 1)]
-    for t in tensors:
-        expected = (t.data_ptr(), t.numel(), DTYPES.index(t.dtype))
-        got = layout.read(t)
-        if got != expected:
-            raise LayoutNotFound(f"read {got} where torch says {expected}")
+    tensors = _must_read(device)
+    _expect_reads(layout, tensors)
 
     def inference():
         with torch.inference_mode():
             return torch.zeros(4, device=device)
 
-    refuse = [("CPU", lambda: torch.zeros(4)), ("inference-mode", inference),
-              ("non-contiguous", lambda: torch.zeros(4, 6, device=device).t()),
-              ("negative-view", lambda: torch.zeros(4, device=device)._neg_view()),
-              ("Parameter", lambda: torch.nn.Parameter(torch.zeros(4, device=device))),
-              ("int32", lambda: torch.zeros(4, dtype=torch.int32, device=device))]
-    for name, make in refuse:
-        if layout.read(make()) is not None:
-            raise LayoutNotFound(f"a {name} tensor was read directly")
+    _expect_refusals(layout, [
+        ("CPU", lambda: torch.zeros(4)), ("inference-mode", inference),
+        ("non-contiguous", lambda: torch.zeros(4, 6, device=device).t()),
+        ("negative-view", lambda: torch.zeros(4, device=device)._neg_view()),
+        ("Parameter", lambda: torch.nn.Parameter(torch.zeros(4, device=device))),
+        ("int32", lambda: torch.zeros(4, dtype=torch.int32, device=device))])
     if not refuses_another_index(layout, tensors):
         raise LayoutNotFound("the device index is not where the probe found it")
 
