@@ -50,18 +50,23 @@ def grads_of(
 ) -> tuple[list[torch.Tensor], list[str] | None]:
     """The ``.grad`` of every parameter that has one, with their names when known."""
     params, names = split_names(parameters, warn_empty_generator)
+    grads, kept = present_grads(params)
+    if kept is not None and names is not None:
+        names = [names[i] for i in kept]
+    return grads, names
+
+
+def present_grads(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int] | None]:
+    """``(grads, kept)``: the ``.grad`` of each of ``params`` that has one, and the positions
+    of those parameters, or None when every one has a gradient."""
     if _read_grads is not None:
         tensor_type, _, layout = reader_arguments()
-        grads, kept = _read_grads(params, tensor_type, layout)
-        if kept is not None and names is not None:
-            names = [names[i] for i in kept]
-        return grads, names
+        return _read_grads(params, tensor_type, layout)
     grads = list(map(_get_grad, params))
     keep = list(map(is_not, grads, repeat(None)))
-    if not all(keep):
-        grads = list(compress(grads, keep))
-        names = None if names is None else list(compress(names, keep))
-    return grads, names
+    if all(keep):
+        return grads, None
+    return list(compress(grads, keep)), list(compress(range(len(params)), keep))
 
 
 def check_bound(value: float | torch.Tensor, what: str) -> float:

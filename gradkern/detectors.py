@@ -10,7 +10,9 @@ networks (which must stay silent); see tests/test_detectors.py.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -23,7 +25,10 @@ __all__ = ["StepStats", "Detector", "NonFinite", "Exploding", "Spike", "Vanishin
 
 @dataclass
 class StepStats:
-    """One optimizer step, on the host. Arrays have one entry per layer (LayerMap order)."""
+    """One optimizer step, on the host. Arrays have one entry per layer (LayerMap order).
+
+    Treat it as read-only: ``total_norm`` and ``grad_rms`` are computed once, when first read.
+    """
 
     step: int
     grad_sq: np.ndarray  # sum of squared gradient elements
@@ -37,11 +42,11 @@ class StepStats:
     nonfinite_ranks: list[int] | None = None  # with a process group: ranks that held NaN/inf
     log2_histogram: np.ndarray | None = None  # (layers, bins): counts of log2|g|, log steps
 
-    @property
+    @cached_property
     def total_norm(self) -> float:
         return math.sqrt(float(self.grad_sq.sum()))
 
-    @property
+    @cached_property
     def grad_rms(self) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.sqrt(self.grad_sq / self.numel)
@@ -91,8 +96,9 @@ class NonFinite(Detector):
 
     def _check(self, s: StepStats, layers: LayerMap) -> Event | None:
         bad = s.nonfinite > 0
-        fire = bad.any() and (not self._previous_bad or s.skipped)
-        self._previous_bad = bool(bad.any())
+        any_bad = bool(bad.any())
+        fire = any_bad and (not self._previous_bad or s.skipped)
+        self._previous_bad = any_bad
         if not fire:
             return None
         order = [i for i in reversed(range(len(layers))) if bad[i]]
@@ -132,7 +138,7 @@ class Exploding(Detector):
         else:
             self._norms = (self._norms + self._streak + [norm])[-self.window:]
             self._streak = []
-        baseline = float(np.median(self._norms)) if self._norms else norm
+        baseline = statistics.median(self._norms) if self._norms else norm
         growing = len(self._streak) >= self.steps and norm >= self.rise * baseline
         over_limit = self.limit is not None and norm > self.limit
         if not (growing or over_limit):
@@ -208,8 +214,7 @@ class Vanishing(Detector):
 
     def _check(self, s: StepStats, layers: LayerMap) -> Event | None:
         rms = s.grad_rms
-        usable = [i for i in range(len(layers))
-                  if s.numel[i] > 0 and not layers.is_embedding[i] and np.isfinite(rms[i])]
+        usable = np.flatnonzero((s.numel > 0) & ~layers.embedding_mask & np.isfinite(rms))
         if len(usable) < self.min_layers:  # depth decay needs depth
             self._streak = 0
             return None
@@ -217,15 +222,17 @@ class Vanishing(Detector):
         early, late = usable[:k], usable[-k:]
         with np.errstate(divide="ignore"):
             log_rms = np.log(np.maximum(rms, 1e-300))
-        depth_ratio = float(np.exp(log_rms[early].mean() - log_rms[late].mean()))
-        below_floor = [i for i in usable if 0 < rms[i] < self.floor]
-        bad = depth_ratio < self.ratio or bool(below_floor)
+        late_log_rms = float(log_rms[late].sum()) / k  # sum / k: np.mean's value, faster
+        depth_ratio = math.exp(float(log_rms[early].sum()) / k - late_log_rms)
+        below_floor = usable[(rms[usable] > 0) & (rms[usable] < self.floor)]
+        bad = depth_ratio < self.ratio or len(below_floor) > 0
         self._streak = self._streak + 1 if bad else 0
         if self._streak < self.patience:
             return None
         self._streak = 0
-        weak = below_floor or [i for i in early if rms[i] < self.ratio * np.exp(log_rms[late].mean())]
-        names = [layers.names[i] for i in (weak or early)]
+        weak = (below_floor if len(below_floor) else
+                early[rms[early] < self.ratio * math.exp(late_log_rms)])
+        names = [layers.names[i] for i in (weak if len(weak) else early)]
         return Event(self.kind, s.step, names,
                      f"early layers' gradient RMS is {depth_ratio:.2g}x the last layers' for "
                      f"{self.patience} steps" if depth_ratio < self.ratio else
@@ -264,10 +271,9 @@ class Stalled(Detector):
     def _check(self, s: StepStats, layers: LayerMap) -> Event | None:
         if s.update_ratio is None or s.skipped:
             return None
-        stalled = [i for i in range(len(layers))
-                   if s.numel[i] > 0 and np.isfinite(s.update_ratio[i])
-                   and s.update_ratio[i] < self.min_ratio]
-        persistent = self._streaks.persistent(stalled)
+        ratio = s.update_ratio
+        stalled = np.flatnonzero((s.numel > 0) & (ratio < self.min_ratio))  # NaN compares False
+        persistent = self._streaks.persistent(stalled.tolist())
         if not persistent:
             return None
         names = [layers.names[i] for i in persistent]
@@ -292,10 +298,9 @@ class Dead(Detector):
     def _check(self, s: StepStats, layers: LayerMap) -> Event | None:
         with np.errstate(invalid="ignore", divide="ignore"):
             frac = s.zeros / s.numel
-        dead = [i for i in range(len(layers))
-                if s.numel[i] > 0 and not layers.is_embedding[i]
-                and frac[i] >= self.zero_fraction]
-        persistent = self._streaks.persistent(dead)
+        dead = np.flatnonzero((s.numel > 0) & ~layers.embedding_mask
+                               & (frac >= self.zero_fraction))  # NaN compares False
+        persistent = self._streaks.persistent(dead.tolist())
         if not persistent:
             return None
         names = [layers.names[i] for i in persistent]

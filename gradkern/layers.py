@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
+import numpy as np
 import torch
 
 GROUP_BY = ("module", "parameter")
@@ -70,3 +72,8 @@ class LayerMap:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @cached_property
+    def embedding_mask(self) -> np.ndarray:
+        """``is_embedding`` as a boolean array, for the detectors' vectorized rules."""
+        return np.asarray(self.is_embedding, dtype=bool)

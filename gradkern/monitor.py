@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from . import _engine, distributed
 from ._norm_spec import parse_norm_type
+from ._params import present_grads
 from .clippers import Clipper, _Grads, as_clipper
 from .detectors import Detector, StepStats, default_detectors
 from .events import Event
@@ -39,6 +40,27 @@ _L2 = parse_norm_type(2.0)
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor (FSDP2, tensor parallel); other tensors as they are."""
     return distributed.dtensor_local(t) if distributed.is_dtensor(t) else t
+
+
+def _empty_like_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Uninitialised tensors shaped like ``tensors``, cut from one allocation per device and
+    dtype: one allocator call and one block instead of one per tensor."""
+    by_kind: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_kind.setdefault((t.device, t.dtype), []).append(i)
+    out: list = [None] * len(tensors)
+    for (device, dtype), positions in by_kind.items():
+        sizes = [tensors[i].numel() for i in positions]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+        for i, part in zip(positions, flat.split(sizes)):
+            out[i] = part.view(tensors[i].shape)
+    return out
+
+
+def _locals(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`_local` of each tensor; the list itself when none is a DTensor (one check per
+    distinct type)."""
+    return [_local(t) for t in tensors] if distributed.any_dtensor(tensors) else tensors
 
 
 class _SkipStep(Exception):
@@ -145,16 +167,18 @@ class Monitor:
         n_layers = len(self.layers)
         self._param_layer = np.asarray(self.layers.layer_of, dtype=np.int64)
         self._ring: torch.Tensor | None = None  # (log_every, layers, _FIELDS) float64
+        self._ring_views: list[tuple[torch.Tensor, ...]] = []
         self._ring_numel = np.zeros((self.log_every, n_layers), dtype=np.int64)
         self._ring_steps: list[int] = []
         self._ring_skipped: list[bool] = []
-        self._index_cache: dict[tuple, torch.Tensor] = {}
+        self._layer_cache: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
         self._updates: dict[int, torch.Tensor] = {}  # step -> (2, layers): weight^2, update^2
         self._want_histograms = any(getattr(s, "histograms", False) for s in self.sinks)
         self._histograms: dict[int, torch.Tensor] = {}  # step -> (layers, HIST_BINS) counts
-        self._snapshot: tuple[list[int], list[torch.Tensor]] | None = None
-        self._snapshot_buffers: list[torch.Tensor] = []
-        self._snapshot_shapes: list | None = None
+        self._present: tuple[int, ...] | None = None  # see _current_grads
+        self._snapshot: tuple | None = None  # (present, params, weights before the update)
+        self._snapshot_key: tuple[int, ...] | None | bool = False  # present, for the CPU buffers
+        self._snapshot_buffers: list[torch.Tensor] | None = None
         self._pending: list[tuple] = []  # (ready event, host rows, step meta, updates) in flight
         self._hooks = []
         self._wrapped_step = None
@@ -229,46 +253,77 @@ class Monitor:
 
     def _observe(self) -> bool:
         """Stats of the current grads into the ring, then clip. True when the step is skipped."""
-        present = [i for i, p in enumerate(self.layers.params) if p.grad is not None]
         slot = len(self._ring_steps)
         self._ring_steps.append(self.steps)
         self._ring_skipped.append(False)
-        self._ring_numel[slot] = 0
-        if not present:
+        present, params, local_grads = self._current_grads()
+        self._present = present
+        if not params:
+            self._ring_numel[slot] = 0
             if self._ring is not None:
                 self._ring[slot].zero_()
             return False
-        params = [self.layers.params[i] for i in present]
-        local_grads = [_local(p.grad) for p in params]
         g, raw, numel = _engine.gather_stats(local_grads, None, _L2)
         device = raw.power_sum.device
         if self._ring is None:
             self._ring = torch.zeros(self.log_every, len(self.layers), _FIELDS,
                                      dtype=torch.float64, device=device)
-        index = self._layer_index(tuple(present), device)
-        row = self._ring[slot]
+            # each slot's row and its four columns, made once (a view costs microseconds)
+            self._ring_views = [(row, *row.unbind(1)) for row in self._ring]
+        index, layer_numel = self._layers_of(present, device, local_grads)
+        self._ring_numel[slot] = layer_numel
+        row, grad_sq, grad_max, nonfinite, zeros = self._ring_views[slot]
         row.zero_()
-        row[:, 0].index_add_(0, index, raw.power_sum)
-        row[:, 1].scatter_reduce_(0, index, raw.max_abs, "amax")
-        row[:, 2].index_add_(0, index, raw.nonfinite.to(torch.float64))
-        row[:, 3].index_add_(0, index, raw.zeros.to(torch.float64))
-        np.add.at(self._ring_numel[slot], self._param_layer[present],
-                  np.fromiter(map(torch.Tensor.numel, local_grads), np.int64, len(present)))
+        grad_sq.index_add_(0, index, raw.power_sum)
+        grad_max.scatter_reduce_(0, index, raw.max_abs, "amax")
+        nonfinite.index_add_(0, index, raw.nonfinite.to(torch.float64))
+        zeros.index_add_(0, index, raw.zeros.to(torch.float64))
 
         if self._want_histograms and slot == self.log_every - 1:
             self._histograms[self.steps] = self._log2_histograms(local_grads, index)
-        bad = row[:, 2].sum()
-        if self.skip_nonfinite and self.group is not None:
-            dist.all_reduce(bad, group=self.group)  # every rank skips, or none does
-        if self.skip_nonfinite and bool(bad > 0):  # the one host sync, by request
-            for p in params:
-                p.grad.zero_()
-            self._ring_skipped[slot] = True
-            self.skipped_steps += 1
-            return True
+        if self.skip_nonfinite:
+            bad = nonfinite.sum()
+            if self.group is not None:
+                dist.all_reduce(bad, group=self.group)  # every rank skips, or none does
+            if bool(bad > 0):  # the one host sync, by request
+                for p in params:
+                    p.grad.zero_()
+                self._ring_skipped[slot] = True
+                self.skipped_steps += 1
+                return True
         if self.clipper is not None:
             self.clipper._clip(_Grads(params, g, raw, numel, self.group))
         return False
+
+    def _current_grads(self) -> tuple[tuple[int, ...] | None, list, list[torch.Tensor]]:
+        """``(present, params, local_grads)``: the watched parameters that have a gradient now,
+        and this rank's part of each gradient. ``present`` lists their positions, or is None
+        when every parameter has one (the usual step, which then builds no index list)."""
+        params = self.layers.params
+        grads, kept = present_grads(params)
+        present = None
+        if kept is not None:
+            present = tuple(kept)
+            params = [params[i] for i in present]
+        # a plain tensor is its own local part; only a subclass can be a DTensor
+        return present, params, [g if type(g) is torch.Tensor else _local(g) for g in grads]
+
+    def _layers_of(self, present: tuple[int, ...] | None, device: torch.device,
+                   local_grads: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
+        """The layer of each present gradient (on ``device``, for the ring's index_add_) and the
+        element count of each layer; kept while the same parameters have gradients (a
+        gradient's shape is its parameter's, so the counts cannot change meanwhile)."""
+        key = (present, device)
+        hit = self._layer_cache.get(key)
+        if hit is None:
+            layer_of = self._param_layer if present is None else self._param_layer[list(present)]
+            layer_numel = np.zeros(len(self.layers), dtype=np.int64)
+            np.add.at(layer_numel, layer_of,
+                      np.fromiter(map(torch.Tensor.numel, local_grads), np.int64,
+                                  len(local_grads)))
+            hit = torch.as_tensor(layer_of, device=device), layer_numel
+            self._layer_cache = {key: hit}  # the set of params with grads rarely changes
+        return hit
 
     def _log2_histograms(self, grads: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         """Counts of log2|g| per layer, one bin per power of two (zeros and NaN/inf left out:
@@ -283,14 +338,6 @@ class Monitor:
             out[index[k]] += counts.to(torch.float64)
         return out
 
-    def _layer_index(self, present: tuple, device: torch.device) -> torch.Tensor:
-        key = (present, device)
-        index = self._index_cache.get(key)
-        if index is None:
-            index = torch.as_tensor(self._param_layer[list(present)], device=device)
-            self._index_cache = {key: index}  # the set of params with grads rarely changes
-        return index
-
     def _end_step(self) -> None:
         self.steps += 1
         if len(self._ring_steps) == self.log_every:
@@ -299,35 +346,35 @@ class Monitor:
     # ---- update/weight ratios (log steps only) ---------------------------------------------
 
     def _take_snapshot(self) -> None:
-        present = [i for i, p in enumerate(self.layers.params) if p.grad is not None]
-        weights = [_local(self.layers.params[i].detach()) for i in present]
-        if weights and weights[0].device.type == "cpu":
-            # On the CPU a fresh copy of the weights at every log step costs a page fault per
-            # 4 KiB (the allocator hands large blocks back to the OS); keep one buffer instead.
-            # On a GPU the caching allocator already reuses the blocks.
-            shapes = [(w.shape, w.dtype) for w in weights]
-            if self._snapshot_shapes != shapes:
-                self._snapshot_buffers = [torch.empty_like(w) for w in weights]
-                self._snapshot_shapes = shapes
-            torch._foreach_copy_(self._snapshot_buffers, weights)
-            copies = list(self._snapshot_buffers)
-        else:
-            copies = [w.clone() for w in weights]
-        self._snapshot = (present, copies)
+        present = self._present
+        params = (self.layers.params if present is None
+                  else [self.layers.params[i] for i in present])
+        if not params:  # no gradient this step, so no update to measure
+            return
+        weights = _locals(params)
+        copies = self._snapshot_buffers if self._snapshot_key == present else None
+        if copies is None:
+            copies = _empty_like_all(weights)
+            if weights[0].device.type == "cpu":
+                # On the CPU a fresh copy of the weights at every log step costs a page fault
+                # per 4 KiB (the allocator hands large blocks back to the OS), so the buffers
+                # stay. On a GPU the caching allocator reuses the blocks, and between log steps
+                # the memory serves the activations.
+                self._snapshot_key, self._snapshot_buffers = present, copies
+        torch._foreach_copy_(copies, weights)
+        self._snapshot = (present, params, copies)
 
     def _measure_updates(self) -> None:
-        present, before = self._snapshot
+        present, params, before = self._snapshot
         self._snapshot = None
-        after = [_local(self.layers.params[i].detach()) for i in present]
         _, w_raw, _ = _engine.gather_stats(before, None, _L2)
-        torch._foreach_sub_(before, after)  # the snapshot becomes -update: no second copy
+        torch._foreach_sub_(before, _locals(params))  # before becomes -update
         _, d_raw, _ = _engine.gather_stats(before, None, _L2)
-        index = self._layer_index(tuple(present), w_raw.power_sum.device)
-        n = len(self.layers)
-        w_sq = torch.zeros(n, dtype=torch.float64, device=index.device).index_add_(
-            0, index, w_raw.power_sum)
-        d_sq = torch.zeros_like(w_sq).index_add_(0, index, d_raw.power_sum)
-        self._updates[self.steps] = torch.stack([w_sq, d_sq])  # reduced as sums, then sqrt
+        index, _ = self._layers_of(present, w_raw.power_sum.device, before)
+        sums = torch.stack([w_raw.power_sum, d_raw.power_sum])
+        # weight^2 and update^2 per layer: reduced as sums, square roots on the host
+        self._updates[self.steps] = torch.zeros(2, len(self.layers), dtype=torch.float64,
+                                                device=index.device).index_add_(1, index, sums)
 
     # ---- host side -------------------------------------------------------------------------
 

@@ -75,6 +75,80 @@ def test_update_ratio_on_log_steps_matches_sgd():
         assert s.update_ratio[i] == pytest.approx((lr * g / w).item(), rel=1e-5)
 
 
+class _TwoHeads(nn.Module):
+    """A trunk and two heads, one of them in bf16; a step uses one head, so with
+    ``zero_grad()`` (set_to_none) the other head has no gradient at that step."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(6, 16)
+        self.head_a = nn.Linear(16, 1)
+        self.head_b = nn.Linear(16, 1).to(torch.bfloat16)
+
+    def forward(self, x, head):
+        h = self.trunk(x).relu()
+        return self.head_a(h) if head == "a" else self.head_b(h.bfloat16()).float()
+
+
+def test_changing_set_of_gradients_matches_torch_per_layer():
+    """Which parameters have a gradient changes from step to step: the per-layer records, the
+    element counts and the update ratios follow it (layers without a gradient count 0)."""
+    model = _TwoHeads()
+    lr = 0.05
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    heads = ["a", "a", "b", "a", "b", "b", "a", "b"]
+    expected = []
+    with gk.Monitor(model, opt, log_every=2, detectors=None) as mon:
+        for step, head in enumerate(heads):
+            opt.zero_grad()
+            gen = torch.Generator().manual_seed(step)
+            model(torch.randn(8, 6, generator=gen), head).pow(2).mean().backward()
+            layers, weights = {}, {}
+            for name, module in model.named_children():
+                params = [p for p in module.parameters() if p.grad is not None]
+                if params:
+                    g = torch.cat([p.grad.reshape(-1).double() for p in params])
+                    w = torch.cat([p.detach().reshape(-1).double() for p in params])
+                    layers[name] = (g.norm().item(), g.abs().max().item(), g.numel())
+                    weights[name] = (w.norm().item(), lr * g.norm().item())
+            expected.append((layers, weights))
+            opt.step()
+    assert mon.layers.names == ["trunk", "head_a", "head_b"]
+    for s, (layers, weights) in zip(mon.history, expected):
+        for i, name in enumerate(mon.layers.names):
+            if name not in layers:
+                assert s.numel[i] == 0 and s.grad_sq[i] == 0
+                continue
+            norm, mx, numel = layers[name]
+            assert s.numel[i] == numel
+            assert np.sqrt(s.grad_sq[i]) == pytest.approx(norm, rel=1e-6)
+            assert s.grad_max[i] == pytest.approx(mx, rel=1e-6)
+            if s.update_ratio is not None:  # log steps: SGD moves a layer by lr * ||g||
+                w, moved = weights[name]
+                assert s.weight_norm[i] == pytest.approx(w, rel=1e-6)
+                # bf16 weights round the update itself
+                rel = 2e-2 if name == "head_b" else 1e-5
+                assert s.update_ratio[i] == pytest.approx(moved / w, rel=rel)
+    assert sum(s.update_ratio is not None for s in mon.history) == len(heads) // 2
+
+
+def test_log_step_without_any_gradient():
+    """optimizer.step() with no gradient at all, on a log step with update tracking: the step is
+    recorded with zero counts and no update ratio (it used to raise IndexError)."""
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gk.Monitor(model, opt, log_every=2, detectors=None) as mon:
+        for step in range(4):
+            opt.zero_grad()
+            if step != 1:
+                model(torch.randn(2, 3)).sum().backward()
+            opt.step()
+    assert [s.step for s in mon.history] == [0, 1, 2, 3]
+    assert mon.history[1].numel.tolist() == [0] and mon.history[1].update_ratio is None
+    assert mon.history[3].update_ratio is not None and mon.history[3].numel.tolist() == [4]
+
+
 def test_manual_step_and_clip_without_optimizer():
     model = mlp()
     mon = gk.Monitor(model, log_every=1, clip=gk.ClipByNorm(0.01), detectors=None)
