@@ -24,6 +24,7 @@ import time
 import torch
 
 import gradkern as gk
+from gradkern.bench_monitor import _Stopwatch
 from gradkern.cases import _TinyTransformer
 
 LOG_EVERY = 10
@@ -46,27 +47,18 @@ class _Run:
         self.mon = gk.Monitor(self.model, self.opt, log_every=LOG_EVERY, **monitor_kwargs)
         self.opt._optimizer_step_pre_hooks.clear()
         self.opt._optimizer_step_post_hooks.clear()
-        self.opt.register_step_pre_hook(self._timed(self.mon._pre_step))
-        self.opt.register_step_post_hook(self._timed(self.mon._post_step))
-        self.clock = 0.0
+        self.watch = _Stopwatch()
+        self.opt.register_step_pre_hook(self.watch.wrap(self.mon._pre_step))
+        self.opt.register_step_post_hook(self.watch.wrap(self.mon._post_step))
         self.spent: list[float] = []
-
-    def _timed(self, fn):
-        def run(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.clock += time.perf_counter() - t0
-        return run
 
     def step(self, tokens: torch.Tensor, keep: bool) -> None:
         self.opt.zero_grad()
         self.model(tokens[:, :-1]).float().sum().backward()
-        self.clock = 0.0
+        self.watch.total = 0.0
         self.opt.step()
         if keep:
-            self.spent.append(self.clock)
+            self.spent.append(self.watch.total)
 
     def summary(self) -> dict:
         self.mon.close()
