@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import torch
 
