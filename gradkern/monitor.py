@@ -177,8 +177,7 @@ class Monitor:
         self._histograms: dict[int, torch.Tensor] = {}  # step -> (layers, HIST_BINS) counts
         self._present: tuple[int, ...] | None = None  # see _current_grads
         self._snapshot: tuple | None = None  # (present, params, weights before the update)
-        self._snapshot_key: tuple[int, ...] | None | bool = False  # present, for the CPU buffers
-        self._snapshot_buffers: list[torch.Tensor] | None = None
+        self._cpu_snapshot: tuple | None = None  # (present, buffers) kept for CPU weights
         self._pending: list[tuple] = []  # (ready event, host rows, step meta, updates) in flight
         self._hooks = []
         self._wrapped_step = None
@@ -352,15 +351,18 @@ class Monitor:
         if not params:  # no gradient this step, so no update to measure
             return
         weights = _locals(params)
-        copies = self._snapshot_buffers if self._snapshot_key == present else None
-        if copies is None:
+        kept = self._cpu_snapshot
+        if (kept is not None and kept[0] == present and weights[0].device.type == "cpu"
+                and all(c.dtype == w.dtype for c, w in zip(kept[1], weights))):
+            copies = kept[1]  # (a model moved to another device or dtype gets new ones)
+        else:
             copies = _empty_like_all(weights)
             if weights[0].device.type == "cpu":
                 # On the CPU a fresh copy of the weights at every log step costs a page fault
                 # per 4 KiB (the allocator hands large blocks back to the OS), so the buffers
                 # stay. On a GPU the caching allocator reuses the blocks, and between log steps
                 # the memory serves the activations.
-                self._snapshot_key, self._snapshot_buffers = present, copies
+                self._cpu_snapshot = (present, copies)
         torch._foreach_copy_(copies, weights)
         self._snapshot = (present, params, copies)
 

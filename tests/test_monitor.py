@@ -374,3 +374,24 @@ def test_log2_histograms_count_every_finite_nonzero_element():
     nonzero = g[g != 0].abs()
     assert sum(hist) == nonzero.numel()
     assert hist[int(torch.floor(torch.log2(torch.tensor(3.0)))) - low] >= 1
+
+
+def test_update_tracking_follows_a_model_cast_to_another_dtype():
+    """The CPU keeps its weight-snapshot buffers between log steps; a model cast in between
+    (same parameter objects, new dtype) gets new ones, and its updates are still measured."""
+    model = mlp()
+    lr = 0.05
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    with gk.Monitor(model, opt, log_every=1, detectors=None) as mon:
+        for step in range(3):
+            if step == 2:
+                model.double()  # the same Parameter objects, float64 data
+            opt.zero_grad()
+            gen = torch.Generator().manual_seed(step)
+            model(torch.randn(32, 6, generator=gen, dtype=next(model.parameters()).dtype)
+                  ).pow(2).mean().backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            opt.step()
+    g = torch.cat([x.reshape(-1) for x in grads[:2]]).double().norm()
+    s = mon.history[-1]
+    assert s.update_ratio[0] * s.weight_norm[0] == pytest.approx((lr * g).item(), rel=1e-9)
