@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/gpu_session.sh build tests     # compile, then every CUDA test (~minutes)
 #   bash benchmarks/gpu_session.sh bench           # gradkern bench --device cuda + pytest-benchmark
+#   bash benchmarks/gpu_session.sh monitor         # the Monitor's cost on a GPU step, two ways
+#   bash benchmarks/gpu_session.sh suite           # the whole test suite, not only the GPU files
 #
 # Logs and JSON go to $OUT when set (the device tool's output folder), else benchmarks/results/.
 # Tests run from outside the checkout so that the installed build, not the gradkern/ source
@@ -35,8 +37,22 @@ for step in "$@"; do
         -p no:cacheprovider --benchmark-json "$out/gpu-pytest-benchmark.json") 2>&1 |
         tail -60 > "$out/gpu-pytest-benchmark.log" || status=1
       ;;
+    monitor)
+      # host time inside the hooks (kernels aside), then the whole step of a ~100M model
+      (cd /tmp && python "$repo/benchmarks/monitor_host_cost.py" --device cuda \
+        --json "$out/gpu-monitor-host-cost.json") 2>&1 | tee "$out/gpu-monitor-host-cost.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      (cd /tmp && python "$repo/benchmarks/gpu_monitor_overhead.py" \
+        --json "$out/gpu-monitor-overhead.json") 2>&1 | tee "$out/gpu-monitor-overhead.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      ;;
+    suite)
+      (cd /tmp && GRADKERN_REQUIRE=cpp,numba,cuda python -m pytest -q -rfEs -p no:cacheprovider \
+        "$repo/tests") 2>&1 | tail -40 | tee "$out/gpu-suite.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      ;;
     *)
-      echo "unknown step $step (build, tests, bench)" >&2
+      echo "unknown step $step (build, tests, bench, monitor, suite)" >&2
       exit 2
       ;;
   esac
