@@ -171,11 +171,10 @@ class Monitor:
         self._ring_numel = np.zeros((self.log_every, n_layers), dtype=np.int64)
         self._ring_steps: list[int] = []
         self._ring_skipped: list[bool] = []
-        self._layer_cache: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
+        self._layer_cache: tuple | None = None  # (present, device), (layer index, counts)
         self._updates: dict[int, torch.Tensor] = {}  # step -> (2, layers): weight^2, update^2
         self._want_histograms = any(getattr(s, "histograms", False) for s in self.sinks)
         self._histograms: dict[int, torch.Tensor] = {}  # step -> (layers, HIST_BINS) counts
-        self._present: tuple[int, ...] | None = None  # see _current_grads
         self._snapshot: tuple | None = None  # (present, params, weights before the update)
         self._cpu_snapshot: tuple | None = None  # (present, buffers) kept for CPU weights
         self._pending: list[tuple] = []  # (ready event, host rows, step meta, updates) in flight
@@ -238,11 +237,12 @@ class Monitor:
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         with torch.no_grad():
-            if self._observe():
+            skipped, present = self._observe()
+            if skipped:
                 self._end_step()
                 raise _SkipStep()
             if self.track_updates and len(self._ring_steps) == self.log_every:
-                self._take_snapshot()
+                self._take_snapshot(present)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         with torch.no_grad():
@@ -250,18 +250,18 @@ class Monitor:
                 self._measure_updates()
             self._end_step()
 
-    def _observe(self) -> bool:
-        """Stats of the current grads into the ring, then clip. True when the step is skipped."""
+    def _observe(self) -> tuple[bool, tuple[int, ...] | None]:
+        """Stats of the current grads into the ring, then clip. Returns whether the step is
+        skipped, and which parameters had a gradient (``present`` of :meth:`_current_grads`)."""
         slot = len(self._ring_steps)
         self._ring_steps.append(self.steps)
         self._ring_skipped.append(False)
         present, params, local_grads = self._current_grads()
-        self._present = present
         if not params:
             self._ring_numel[slot] = 0
             if self._ring is not None:
                 self._ring[slot].zero_()
-            return False
+            return False, present
         g, raw, numel = _engine.gather_stats(local_grads, None, _L2)
         device = raw.power_sum.device
         if self._ring is None:
@@ -289,10 +289,10 @@ class Monitor:
                     p.grad.zero_()
                 self._ring_skipped[slot] = True
                 self.skipped_steps += 1
-                return True
+                return True, present
         if self.clipper is not None:
             self.clipper._clip(_Grads(params, g, raw, numel, self.group))
-        return False
+        return False, present
 
     def _current_grads(self) -> tuple[tuple[int, ...] | None, list, list[torch.Tensor]]:
         """``(present, params, local_grads)``: the watched parameters that have a gradient now,
@@ -304,8 +304,7 @@ class Monitor:
         if kept is not None:
             present = tuple(kept)
             params = [params[i] for i in present]
-        # a plain tensor is its own local part; only a subclass can be a DTensor
-        return present, params, [g if type(g) is torch.Tensor else _local(g) for g in grads]
+        return present, params, _locals(grads)
 
     def _layers_of(self, present: tuple[int, ...] | None, device: torch.device,
                    local_grads: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
@@ -313,15 +312,15 @@ class Monitor:
         element count of each layer; kept while the same parameters have gradients (a
         gradient's shape is its parameter's, so the counts cannot change meanwhile)."""
         key = (present, device)
-        hit = self._layer_cache.get(key)
-        if hit is None:
-            layer_of = self._param_layer if present is None else self._param_layer[list(present)]
-            layer_numel = np.zeros(len(self.layers), dtype=np.int64)
-            np.add.at(layer_numel, layer_of,
-                      np.fromiter(map(torch.Tensor.numel, local_grads), np.int64,
-                                  len(local_grads)))
-            hit = torch.as_tensor(layer_of, device=device), layer_numel
-            self._layer_cache = {key: hit}  # the set of params with grads rarely changes
+        if self._layer_cache is not None and self._layer_cache[0] == key:
+            return self._layer_cache[1]
+        layer_of = self._param_layer if present is None else self._param_layer[list(present)]
+        layer_numel = np.zeros(len(self.layers), dtype=np.int64)
+        np.add.at(layer_numel, layer_of,
+                  np.fromiter(map(torch.Tensor.numel, local_grads), np.int64,
+                              len(local_grads)))
+        hit = torch.as_tensor(layer_of, device=device), layer_numel
+        self._layer_cache = (key, hit)  # the set of params with grads rarely changes
         return hit
 
     def _log2_histograms(self, grads: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
@@ -344,8 +343,7 @@ class Monitor:
 
     # ---- update/weight ratios (log steps only) ---------------------------------------------
 
-    def _take_snapshot(self) -> None:
-        present = self._present
+    def _take_snapshot(self, present: tuple[int, ...] | None) -> None:
         params = (self.layers.params if present is None
                   else [self.layers.params[i] for i in present])
         if not params:  # no gradient this step, so no update to measure
