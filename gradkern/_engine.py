@@ -191,8 +191,22 @@ def total_norm(raw: RawStats, numel: torch.Tensor, spec: NormSpec) -> torch.Tens
     return raw.max_abs.max()
 
 
+def check_writable(g: Gathered) -> None:
+    """RuntimeError, before anything is written, when a tensor of ``g`` cannot be written in
+    place (an expanded tensor, whose elements share memory)."""
+    for group in g.groups:
+        if group.work.unwritable is not None:
+            raise RuntimeError(
+                f"gradient {group.work.unwritable} cannot be clipped in place: several of its "
+                "elements share one memory location (an expanded tensor). Nothing was "
+                "modified. Give it memory of its own first, e.g. `p.grad = p.grad.clone()`.")
+
+
 def clip_in_place(g: Gathered, coef: torch.Tensor | None, clip_value: float) -> None:
-    """Scale (where ``coef`` < 1, per tensor or one for all) then clamp, in one pass per tensor."""
+    """Scale (where ``coef`` < 1, per tensor or one for all) then clamp, in one pass per tensor.
+    Raises (see :func:`check_writable`) before writing anything, whether or not a value would
+    change: a training loop fails at its first clip, not at the first that scales."""
+    check_writable(g)
     if clip_value == float("inf") and (coef is None or (
             coef.device.type == "cpu" and bool((coef >= 1.0).all()))):
         # Nothing to do, and on the CPU that is known for free (on a GPU the kernel reads the

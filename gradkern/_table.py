@@ -66,6 +66,7 @@ class WorkSet:
     writeback: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     addresses: np.ndarray | None = None  # uint64 data pointers, when already read
     dtype_mask: int | None = None  # bit c set when some tensor has code c (from the C readers)
+    unwritable: str | None = None  # the first tensor that cannot be written in place, named
 
     @property
     def size(self) -> int:
@@ -143,6 +144,45 @@ def read_dense_table(tensors: list[torch.Tensor], device: torch.device) -> WorkS
     return WorkSet(tensors, codes, numel, addresses=data, dtype_mask=dtype_mask)
 
 
+_PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
+def _has_memory(t: torch.Tensor) -> bool:
+    try:
+        return torch.Tensor.data_ptr(t) != 0
+    except RuntimeError:  # torch raises for some tensors without storage
+        return False
+
+
+def _check_storage(tensors: list[torch.Tensor], names: Sequence[str] | None) -> None:
+    """TypeError for a strided tensor with elements but no memory of its own: a wrapper
+    subclass such as DTensor, whose values live in an inner tensor. Its data pointer is null,
+    and a kernel given it would read (or write) address 0. Plain tensors are checked by type,
+    once per distinct type."""
+    unusual = set(map(type, tensors)) - _PLAIN_TYPES
+    if not unusual:
+        return
+    for i, t in enumerate(tensors):
+        if (type(t) in unusual and t.layout == torch.strided and t.device.type != "meta"
+                and t.numel() > 0 and not _has_memory(t)):
+            hint = (" Pass its local shard (`.to_local()`), or call a gradkern function that "
+                    "takes DTensor gradients (get_total_norm, clip_grad_norm_, clip_, "
+                    "clip_grad_value_, clip_grads_with_norm_, grad_stats, find_nonfinite, "
+                    "Monitor)." if type(t).__name__ == "DTensor" else "")
+            raise TypeError(
+                f"tensor {describe(i, names)} is a {type(t).__name__} without memory of its own "
+                f"(a wrapper tensor subclass); gradkern reads gradients in place.{hint}")
+
+
+def _has_internal_overlap(t: torch.Tensor) -> bool:
+    """Whether several elements of ``t`` share one memory location (an expanded tensor), so that
+    torch refuses to write it in place. Reading it is fine."""
+    try:
+        return torch._debug_has_internal_overlap(t) == 1  # torch's own test (1: it overlaps)
+    except AttributeError:  # the usual cause: a broadcast dimension
+        return any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride()))
+
+
 def make_work_set(tensors: list[torch.Tensor], names: Sequence[str] | None = None) -> WorkSet:
     """Validate ``tensors`` (one device) and return the buffers the kernels operate on.
 
@@ -160,6 +200,7 @@ def make_work_set(tensors: list[torch.Tensor], names: Sequence[str] | None = Non
             f"gradkern works on float32, float64, float16 and bfloat16 gradients; tensor "
             f"{describe(i, names)} is {kind} {dtype}"
         )
+    _check_storage(tensors, names)
     codes = np.array(codes_list, dtype=np.int8)
     numel = np.fromiter(map(torch.Tensor.numel, tensors), dtype=np.int64, count=n)
     try:
@@ -171,11 +212,14 @@ def make_work_set(tensors: list[torch.Tensor], names: Sequence[str] | None = Non
     work: list[torch.Tensor] = []
     implicit = np.zeros(n, dtype=np.int64)
     writeback: list[tuple[torch.Tensor, torch.Tensor]] = []
+    unwritable = None
     for i, t in enumerate(tensors):
         if t.layout == torch.strided:
             if t.is_contiguous():
                 work.append(t)
             else:
+                if unwritable is None and _has_internal_overlap(t):
+                    unwritable = describe(i, names)
                 buffer = t.contiguous()
                 work.append(buffer)
                 writeback.append((t, buffer))
@@ -196,4 +240,4 @@ def make_work_set(tensors: list[torch.Tensor], names: Sequence[str] | None = Non
                 f"gradkern supports strided and sparse COO gradients; tensor "
                 f"{describe(i, names)} has layout {t.layout}"
             )
-    return WorkSet(work, codes, numel, implicit, writeback)
+    return WorkSet(work, codes, numel, implicit, writeback, unwritable=unwritable)

@@ -30,17 +30,20 @@ def _nonfinite_error(g: _engine.Gathered, raw, spec: NormSpec) -> RuntimeError:
 
 def _norms(
     tensors: list[torch.Tensor], names, spec: NormSpec, error_if_nonfinite: bool,
-    group=None, per_tensor: bool = False,
+    group=None, per_tensor: bool = False, write: str | None = None,
 ) -> tuple[_engine.Gathered | None, torch.Tensor | None, torch.Tensor]:
     """(gathered, per-tensor norms, total norm), float64. Raises before any write. The
-    per-tensor norms are None unless ``per_tensor`` asks for them.
+    per-tensor norms are None unless ``per_tensor`` asks for them. ``write`` says what the
+    caller will do to the gathered tensors: None (nothing), ``"scale"`` or ``"clamp"``; it
+    matters only for Partial DTensors (see :func:`_dtensor_norms`).
 
     With ``group``, the statistics are those of the whole set across the ranks (see
     :mod:`gradkern.distributed`); the gathered tensors are this rank's (None when it has none).
     """
     fused = _engine.fused_stats(tensors, names, spec) if group is None else None
     if fused is None and distributed.any_dtensor(tensors):
-        return _dtensor_norms(tensors, names, spec, error_if_nonfinite, group, per_tensor)
+        return _dtensor_norms(tensors, names, spec, error_if_nonfinite, group, per_tensor,
+                              write)
     if group is None:
         g, raw, numel = fused or _engine.gather_stats(tensors, names, spec, fused_failed=True)
         total = _engine.total_norm(raw, numel, spec)
@@ -70,18 +73,29 @@ def _norms(
 
 
 def _dtensor_norms(tensors, names, spec: NormSpec, error_if_nonfinite: bool, group,
-                   per_tensor: bool):
+                   per_tensor: bool, write: str | None):
     """Norms of a list holding DTensor gradients (FSDP2, tensor parallel): each set of DTensors
     with the same mesh and placements is reduced over the mesh dimensions that shard it;
     plain tensors over ``group`` (or not at all). Returns a list of gathered local shards (one
-    per set) and, with ``per_tensor``, a list of whole-tensor norms (one tensor per set)."""
+    per set) and, with ``per_tensor``, a list of whole-tensor norms (one tensor per set).
+
+    A Partial DTensor's statistics are those of its sum (its terms are reduced into a new
+    tensor), so the set gathered for ``write`` is its own local term: scaling each term scales
+    the sum; clamping does not, and ``write="clamp"`` raises TypeError before anything runs.
+    """
+    if write == "clamp":
+        distributed.local_shards(tensors, "clip_", linear=False)  # raises for a Partial one
     parts, gathered, set_norms = [], [], []
     work = distributed.reduction_sets(tensors, group)
     for idx, groups, _ in work:
-        items = [distributed.dtensor_local(tensors[i]) if distributed.is_dtensor(tensors[i])
-                 else tensors[i] for i in idx]
-        g, raw, numel, error = distributed.local_stats(
-            items, None if names is None else [names[i] for i in idx], spec)
+        subset = [tensors[i] for i in idx]
+        sub_names = None if names is None else [names[i] for i in idx]
+        items = distributed.local_parts(subset)
+        g, raw, numel, error = distributed.local_stats(items, sub_names, spec)
+        if write is not None and g is not None and distributed.has_partial(subset):
+            # the parts read above include reduced copies; the writes go to the terms
+            g = _engine.gather(distributed.local_shards(subset, "clip_", linear=True),
+                               sub_names)
         device = g.device if g is not None else items[0].device
         if per_tensor:  # whole-tensor norms of this set, entry-wise over its sharding groups
             raw_all, numel_all = distributed.reduce_per_tensor(raw, numel, len(idx), spec,
@@ -105,6 +119,8 @@ def _clip_each(g, coef, value: float) -> None:
     is one tensor for all, or (per-tensor clipping of DTensor sets) a list, one per set."""
     sets = g if isinstance(g, list) else ([] if g is None else [g])
     coefs = coef if isinstance(coef, list) else [coef] * len(sets)
+    for one in sets:  # every set, before the first is written
+        _engine.check_writable(one)
     for one, c in zip(sets, coefs):
         _engine.clip_in_place(one, c, value)
 
@@ -198,7 +214,11 @@ def clip_grads_with_norm_(
     grads, names = grads_of(parameters)
     if not grads:
         return
-    g = _engine.gather(grads, names)
+    if distributed.is_dtensor(total_norm):  # torch's get_total_norm over DTensor gradients
+        total_norm = total_norm.full_tensor()
+    # scaling is linear, so each DTensor's local tensor is scaled where it lives, Partial too
+    g = _engine.gather(distributed.local_shards(grads, "clip_grads_with_norm_", linear=True),
+                       names)
     total = torch.as_tensor(total_norm, device=g.device)
     _engine.clip_in_place(g, _clip_coef(max_norm, total).reshape(1), float("inf"))
 
@@ -250,7 +270,7 @@ def clip_grad_norm_(
     grads, names = grads_of(parameters, warn_empty_generator=True)
     if not grads and group is None:
         return torch.tensor(0.0)
-    g, _, total = _norms(grads, names, spec, error_if_nonfinite, group)
+    g, _, total = _norms(grads, names, spec, error_if_nonfinite, group, write="scale")
     _clip_each(g, _clip_coef(max_norm, total).reshape(1), float("inf"))
     return total.to(_result_dtype(g))
 
@@ -269,8 +289,12 @@ def clip_grad_value_(
         clip_value: the bound; must be >= 0 (``inf`` clamps nothing).
         foreach: accepted for compatibility and ignored.
 
+    DTensor gradients (FSDP2, tensor parallel) are clamped shard by shard where they live.
+
     Raises:
         ValueError: ``clip_value`` negative or NaN (torch would silently flip signs).
+        TypeError: an unsupported dtype or layout, or a DTensor with a Partial placement
+            (clamping its terms would not clamp their sum). Nothing is modified.
 
     Example:
         >>> import torch, gradkern as gk
@@ -282,8 +306,9 @@ def clip_grad_value_(
     grads, names = grads_of(parameters)
     if not grads:
         return
-    # elementwise: a DTensor's local shard is clamped where it lives
-    grads = [g.to_local() if distributed.is_dtensor(g) else g for g in grads]
+    # Elementwise, so a DTensor's local shard is clamped where it lives. (local_shards checks
+    # each distinct type once: a per-tensor check costs ~1.5 ms over 10,000 cold gradients.)
+    grads = distributed.local_shards(grads, "clip_grad_value_", linear=False)
     _engine.clip_in_place(_engine.gather(grads, names), None, clip_value)
 
 
@@ -340,7 +365,9 @@ def clip_(
     if not grads and group is None:
         return torch.tensor(0.0)
     g, norms, total = _norms(grads, names, spec, error_if_nonfinite, group,
-                             per_tensor=per_tensor and max_norm is not None)
+                             per_tensor=per_tensor and max_norm is not None,
+                             write="clamp" if value is not None else
+                             "scale" if max_norm is not None else None)
     coef = None
     if max_norm is not None and per_tensor and isinstance(norms, list):  # DTensor sets
         coef = [_clip_coef(max_norm, n) for n in norms]

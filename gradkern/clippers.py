@@ -49,12 +49,16 @@ class _Grads:
         keep = [i for i, p in enumerate(params) if p.grad is not None]
         params = [params[i] for i in keep]
         names = None if names is None else [names[i] for i in keep]
+        # DTensor gradients (FSDP2, tensor parallel): the clippers read and write the local
+        # shards, and the group makes the norms the whole set's (as in the Monitor)
+        grads = distributed.local_shards([p.grad for p in params], "a clipper", linear=False)
         if group is None:
             if not params:
                 return None
-            return cls(params, *_engine.gather_stats([p.grad for p in params], names, _L2))
+            distributed.require_group_for_shards([p.grad for p in params], "a clipper")
+            return cls(params, *_engine.gather_stats(grads, names, _L2))
 
-        g, raw, numel, error = distributed.local_stats([p.grad for p in params], names, _L2)
+        g, raw, numel, error = distributed.local_stats(grads, names, _L2)
         return cls(params, g, raw, numel, group, error)
 
     @property
@@ -104,7 +108,8 @@ class Clipper:
         Returns a 0-dim float32 tensor (float64 if a gradient is float64) on the gradients'
         device; ``tensor(0.)`` when no parameter has a gradient. With ``group=`` (given to the
         constructor) the norms are those of the whole set across the group's ranks, and every
-        rank clips its part with the same coefficient.
+        rank clips its part with the same coefficient. DTensor gradients (FSDP2) are read and
+        clipped shard by shard, so sharded ones need that group (ValueError without it).
         """
         grads = _Grads.of(parameters, self.group)
         if grads is None:
@@ -358,9 +363,12 @@ class AGC(Clipper):
         keep = [i for i, p in enumerate(grads.params) if id(p) not in self._exclude]
         if not keep:
             return total
+        if grads.gathered is not None:
+            _engine.check_writable(grads.gathered)  # before the first row is scaled
         params = [grads.params[i] for i in keep]
-        ws = [p.detach() for p in params]
-        gs = [p.grad for p in params]
+        # this rank's rows of each weight and gradient (exact for row-sharded DTensors)
+        ws = distributed.local_parts([p.detach() for p in params])
+        gs = distributed.local_shards([p.grad for p in params], "AGC", linear=False)
         w_norm = _unit_norms(ws)
         g_norm = _unit_norms(gs)
         max_norm = w_norm.clamp(min=self.eps) * self.clip_factor
@@ -380,8 +388,8 @@ def _unit_table(tensors: list[torch.Tensor]) -> WorkSet | None:
     from ._table import DTYPE_CODES
 
     if any(not t.is_contiguous() or t.layout != torch.strided or t.device.type != "cpu"
-           for t in tensors):
-        return None
+           or type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        return None  # (a subclass may keep its values elsewhere: the torch path handles it)
     units = np.array([_units(t) for t in tensors], dtype=np.int64)
     numel = np.array([t.numel() for t in tensors], dtype=np.int64)
     per_unit = np.where(units > 0, numel // np.maximum(units, 1), 0)

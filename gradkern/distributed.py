@@ -224,12 +224,57 @@ def any_dtensor(tensors: list) -> bool:
 
 def dtensor_local(t) -> torch.Tensor:
     """The local shard of a DTensor gradient, its partial sums reduced first (once)."""
-    if any(p.is_partial() for p in t.placements):
+    if has_partial([t]):
         from torch.distributed.tensor import Replicate
 
         placements = [Replicate() if p.is_partial() else p for p in t.placements]
         t = t.redistribute(t.device_mesh, placements)
     return t.to_local()
+
+
+def local_parts(tensors: list) -> list:
+    """For reading: :func:`dtensor_local` of each DTensor in ``tensors``, other tensors as they
+    are; the list itself when none is a DTensor (one check per distinct type). A Partial
+    DTensor's part is a new tensor (its terms summed), so writes to it are lost."""
+    return [dtensor_local(t) if is_dtensor(t) else t for t in tensors] \
+        if any_dtensor(tensors) else tensors
+
+
+def has_partial(tensors: list) -> bool:
+    """Whether some tensor is a DTensor with a Partial placement (a term of a sum per rank)."""
+    return any(is_dtensor(t) and any(p.is_partial() for p in t.placements) for t in tensors)
+
+
+def local_shards(tensors: list, what: str, linear: bool) -> list:
+    """For writing in place: each DTensor's own local tensor, other tensors as they are; the
+    list itself when none is a DTensor. A Partial DTensor holds one term of a sum on each rank:
+    scaling every term by one coefficient scales the sum (``linear=True``, the caller has read
+    the sum elsewhere); anything else would clip the terms, not the gradient, so without
+    ``linear`` it raises TypeError naming ``what``, before anything is written."""
+    if not any_dtensor(tensors):
+        return tensors
+    if not linear:
+        for i, t in enumerate(tensors):
+            if has_partial([t]):
+                raise TypeError(
+                    f"{what} cannot clip gradient #{i} in place: it is a DTensor with a "
+                    "Partial placement, whose local tensors are terms of a sum. Redistribute "
+                    "it first (Replicate or Shard).")
+    return [t.to_local() if is_dtensor(t) else t for t in tensors]
+
+
+def require_group_for_shards(tensors: list, what: str) -> None:
+    """ValueError when ``tensors`` hold a DTensor sharded over more than one rank: without a
+    process group, norms of the local shards would silently be this rank's alone."""
+    if not any_dtensor(tensors):
+        return
+    for i, t in enumerate(tensors):
+        if is_dtensor(t) and any(p.is_shard() and t.device_mesh.size(dim) > 1
+                                 for dim, p in enumerate(t.placements)):
+            raise ValueError(
+                f"tensor #{i} is a DTensor sharded across ranks: give {what} the process group "
+                "that shards it (group=...), so that the norms are the whole model's and not "
+                "this rank's part.")
 
 
 def sharding_groups(t) -> list:

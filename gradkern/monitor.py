@@ -37,11 +37,6 @@ HIST_BINS = HIST_MAX - HIST_MIN
 _L2 = parse_norm_type(2.0)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a DTensor (FSDP2, tensor parallel); other tensors as they are."""
-    return distributed.dtensor_local(t) if distributed.is_dtensor(t) else t
-
-
 def _empty_like_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Uninitialised tensors shaped like ``tensors``, cut from one allocation per device and
     dtype: one allocator call and one block instead of one per tensor."""
@@ -55,12 +50,6 @@ def _empty_like_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         for i, part in zip(positions, flat.split(sizes)):
             out[i] = part.view(tensors[i].shape)
     return out
-
-
-def _locals(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """:func:`_local` of each tensor; the list itself when none is a DTensor (one check per
-    distinct type)."""
-    return [_local(t) for t in tensors] if distributed.any_dtensor(tensors) else tensors
 
 
 class _SkipStep(Exception):
@@ -98,7 +87,8 @@ class Monitor:
             and ``skip_nonfinite`` decide on the whole model too; sinks are written on rank 0
             only; non-finite events say which rank(s) held the bad values. DDP needs no group
             (its gradients are already identical on every rank). With FSDP2 (DTensor
-            parameters) pass the group that shards them; the Monitor reads the local shards.
+            parameters) pass the group that shards them; the Monitor reads the local shards
+            (and raises ValueError for sharded parameters without a group).
 
     Attributes:
         events: every :class:`gradkern.Event` so far.
@@ -155,6 +145,8 @@ class Monitor:
         self.skip_nonfinite = bool(skip_nonfinite)
         self.track_updates = bool(track_updates) and optimizer is not None
         self.keep_history = int(keep_history)
+        if group is None:  # FSDP2 or tensor-parallel parameters without their group
+            distributed.require_group_for_shards(self.layers.params, "the Monitor")
         self.group = group
         self._rank = dist.get_rank(group) if group is not None else 0
         self._world = dist.get_world_size(group) if group is not None else 1
@@ -304,7 +296,12 @@ class Monitor:
         if kept is not None:
             present = tuple(kept)
             params = [params[i] for i in present]
-        return present, params, _locals(grads)
+        if distributed.any_dtensor(grads):  # FSDP2, tensor parallel
+            if self.clipper is not None:  # it writes: the shards themselves, never copies
+                return present, params, distributed.local_shards(grads, "the Monitor's clipper",
+                                                                 linear=False)
+            grads = distributed.local_parts(grads)
+        return present, params, grads
 
     def _layers_of(self, present: tuple[int, ...] | None, device: torch.device,
                    local_grads: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
@@ -348,7 +345,7 @@ class Monitor:
                   else [self.layers.params[i] for i in present])
         if not params:  # no gradient this step, so no update to measure
             return
-        weights = _locals(params)
+        weights = distributed.local_parts(params)
         kept = self._cpu_snapshot
         if (kept is not None and kept[0] == present and weights[0].device.type == "cpu"
                 and all(c.dtype == w.dtype for c, w in zip(kept[1], weights))):
@@ -368,7 +365,7 @@ class Monitor:
         present, params, before = self._snapshot
         self._snapshot = None
         _, w_raw, _ = _engine.gather_stats(before, None, _L2)
-        torch._foreach_sub_(before, _locals(params))  # before becomes -update
+        torch._foreach_sub_(before, distributed.local_parts(params))  # before becomes -update
         _, d_raw, _ = _engine.gather_stats(before, None, _L2)
         index, _ = self._layers_of(present, w_raw.power_sum.device, before)
         sums = torch.stack([w_raw.power_sum, d_raw.power_sum])

@@ -128,7 +128,8 @@ def find_nonfinite(parameters: TensorOrTensors) -> list[str]:
 
     Pass ``named_parameters()`` to get names; plain tensors are reported as ``#index`` (the
     position among the parameters that have a gradient). This reads the answer back to the
-    host, so it synchronises with the GPU.
+    host, so it synchronises with the GPU. For DTensor gradients (FSDP2, tensor parallel) it
+    looks at this rank's part of each.
 
     Example:
         >>> import torch, gradkern as gk
@@ -139,5 +140,6 @@ def find_nonfinite(parameters: TensorOrTensors) -> list[str]:
     grads, names = grads_of(parameters)
     if not grads:
         return []
-    g, raw, _ = _engine.gather_stats(grads, names, parse_norm_type(float("inf")))
+    g, raw, _ = _engine.gather_stats(distributed.local_parts(grads), names,
+                                     parse_norm_type(float("inf")))
     return _engine.nonfinite_names(g, raw.nonfinite)

@@ -361,3 +361,95 @@ def test_fsdp2_fully_shard_gradients(tmp_path):
     spawn(check_fsdp2, 2, str(tmp_path))
     if (tmp_path / "skip").exists():
         pytest.skip(f"FSDP2 does not run on the CPU with this torch: {(tmp_path / 'skip').read_text()}")
+
+
+def check_dtensor_in_place(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(3)
+    finite = [torch.randn(8, 6, generator=gen) * 3 for _ in range(3)]
+    want_total = torch.linalg.vector_norm(torch.cat([t.flatten() for t in finite]))
+    coef = 1.0 / (float(want_total) + 1e-6)
+    with_nan = [t.clone() for t in finite]
+    with_nan[1][6, 2] = float("nan")  # under Shard(0): on the last rank only
+
+    def dtensors(tensors, placements):
+        return [distribute_tensor(t.clone(), mesh, placements) for t in tensors]
+
+    for placements in ([Shard(0)], [Shard(1)], [Replicate()]):
+        # clip_grad_value_: each shard clamped where it lives
+        holders = [Holder(g) for g in dtensors(finite, placements)]
+        gk.clip_grad_value_(holders, 1.0)
+        for h, t in zip(holders, finite):
+            assert torch.equal(h.grad.full_tensor(), t.clamp(-1.0, 1.0))
+        # clip_grads_with_norm_ with torch's total norm over the same DTensors
+        holders = [Holder(g) for g in dtensors(finite, placements)]
+        total = torch.nn.utils.get_total_norm([h.grad for h in holders])
+        gk.clip_grads_with_norm_(holders, 1.0, total)
+        for h, t in zip(holders, finite):
+            torch.testing.assert_close(h.grad.full_tensor(), t * coef, rtol=1e-6, atol=1e-7)
+        # find_nonfinite: this rank's part of each gradient
+        grads = dtensors(with_nan, placements)
+        want = [f"p{i}" for i, g in enumerate(grads) if not bool(g.to_local().isfinite().all())]
+        assert gk.find_nonfinite([(f"p{i}", Holder(g)) for i, g in enumerate(grads)]) == want
+
+    # Partial: scaling each term scales the sum; clamping each term does not clamp the sum
+    partial = [DTensor.from_local(t / world, mesh, [Partial()]) for t in finite]
+    before = [p.to_local().clone() for p in partial]
+    with pytest.raises(TypeError, match="Partial"):
+        gk.clip_grad_value_([Holder(p) for p in partial], 0.1)
+    assert all(torch.equal(p.to_local(), b) for p, b in zip(partial, before))
+    gk.clip_grads_with_norm_([Holder(p) for p in partial], 1.0, want_total)
+    for p, t in zip(partial, finite):
+        torch.testing.assert_close(p.full_tensor(), t * coef, rtol=1e-6, atol=1e-7)
+    # the norm clippers read the sum and scale the terms (they once scaled a reduced copy)
+    reference = [Holder(t.clone()) for t in finite]
+    gk.clip_(reference, max_norm=0.5, per_tensor=True)
+    for clip, want in ((lambda hs: gk.clip_grad_norm_(hs, 1.0), [t * coef for t in finite]),
+                       (lambda hs: gk.clip_(hs, max_norm=0.5, per_tensor=True),
+                        [r.grad for r in reference])):
+        partial = [DTensor.from_local(t / world, mesh, [Partial()]) for t in finite]
+        torch.testing.assert_close(clip([Holder(p) for p in partial]), want_total, rtol=1e-6,
+                                   atol=0)
+        for p, w in zip(partial, want):
+            torch.testing.assert_close(p.full_tensor(), w, rtol=1e-6, atol=1e-7)
+    partial = [DTensor.from_local(t / world, mesh, [Partial()]) for t in finite]
+    before = [p.to_local().clone() for p in partial]
+    with pytest.raises(TypeError, match="Partial"):
+        gk.clip_([Holder(p) for p in partial], max_norm=1.0, value=0.1)
+    assert all(torch.equal(p.to_local(), b) for p, b in zip(partial, before))
+
+    # clippers: the local shards, with the group that shards them
+    shards = [Holder(g) for g in dtensors(finite, [Shard(0)])]
+    with pytest.raises(ValueError, match="group"):
+        gk.ClipByNorm(1.0).clip_(shards)
+    assert all(torch.equal(h.grad.full_tensor(), t) for h, t in zip(shards, finite))
+    norm = gk.ClipByNorm(1.0, group=dist.group.WORLD).clip_(shards)
+    torch.testing.assert_close(norm, want_total, rtol=1e-6, atol=0)
+    for h, t in zip(shards, finite):
+        torch.testing.assert_close(h.grad.full_tensor(), t * coef, rtol=1e-6, atol=1e-7)
+    # AGC on row-sharded weights: every unit (row) lives on one rank
+    weights = [nn.Parameter(torch.randn(8, 6, generator=gen)) for _ in finite]
+    reference = [nn.Parameter(w.detach().clone()) for w in weights]
+    sharded = [nn.Parameter(distribute_tensor(w.detach().clone(), mesh, [Shard(0)]))
+               for w in weights]
+    for r, s, t in zip(reference, sharded, finite):
+        r.grad = t.clone()
+        s.grad = distribute_tensor(t.clone(), mesh, [Shard(0)])
+    gk.AGC(clip_factor=0.05).clip_(reference)
+    gk.AGC(clip_factor=0.05, group=dist.group.WORLD).clip_(sharded)
+    assert any(not torch.equal(r.grad, t) for r, t in zip(reference, finite))  # it did clip
+    for r, s in zip(reference, sharded):
+        torch.testing.assert_close(s.grad.full_tensor(), r.grad, rtol=1e-6, atol=1e-7)
+
+    # the Monitor refuses sharded parameters without their group, before attaching anything
+    model = nn.Linear(6, 8)
+    model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match="group"):
+        gk.Monitor(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_dtensor_gradients_clipped_in_place_and_checked():
+    spawn(check_dtensor_in_place, 2)
