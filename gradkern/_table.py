@@ -150,7 +150,7 @@ _PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
 def _has_memory(t: torch.Tensor) -> bool:
     try:
         return torch.Tensor.data_ptr(t) != 0
-    except RuntimeError:  # torch raises for some tensors without storage
+    except Exception:  # torch raises for some tensors without storage, a subclass may too
         return False
 
 
