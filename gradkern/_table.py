@@ -144,7 +144,7 @@ def read_dense_table(tensors: list[torch.Tensor], device: torch.device) -> WorkS
     return WorkSet(tensors, codes, numel, addresses=data, dtype_mask=dtype_mask)
 
 
-_PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+PLAIN_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
 
 
 def _has_memory(t: torch.Tensor) -> bool:
@@ -159,7 +159,7 @@ def _check_storage(tensors: list[torch.Tensor], names: Sequence[str] | None) -> 
     subclass such as DTensor, whose values live in an inner tensor. Its data pointer is null,
     and a kernel given it would read (or write) address 0. Plain tensors are checked by type,
     once per distinct type."""
-    unusual = set(map(type, tensors)) - _PLAIN_TYPES
+    unusual = set(map(type, tensors)) - PLAIN_TENSOR_TYPES
     if not unusual:
         return
     for i, t in enumerate(tensors):

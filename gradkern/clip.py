@@ -84,7 +84,7 @@ def _dtensor_norms(tensors, names, spec: NormSpec, error_if_nonfinite: bool, gro
     the sum; clamping does not, and ``write="clamp"`` raises TypeError before anything runs.
     """
     if write == "clamp":
-        distributed.local_shards(tensors, "clip_", linear=False)  # raises for a Partial one
+        distributed.refuse_partial(tensors, "clip_")
     parts, gathered, set_norms = [], [], []
     work = distributed.reduction_sets(tensors, group)
     for idx, groups, _ in work:
@@ -94,8 +94,7 @@ def _dtensor_norms(tensors, names, spec: NormSpec, error_if_nonfinite: bool, gro
         g, raw, numel, error = distributed.local_stats(items, sub_names, spec)
         if write is not None and g is not None and distributed.has_partial(subset):
             # the parts read above include reduced copies; the writes go to the terms
-            g = _engine.gather(distributed.local_shards(subset, "clip_", linear=True),
-                               sub_names)
+            g = _engine.gather(distributed.local_shards(subset), sub_names)
         device = g.device if g is not None else items[0].device
         if per_tensor:  # whole-tensor norms of this set, entry-wise over its sharding groups
             raw_all, numel_all = distributed.reduce_per_tensor(raw, numel, len(idx), spec,
@@ -217,8 +216,7 @@ def clip_grads_with_norm_(
     if distributed.is_dtensor(total_norm):  # torch's get_total_norm over DTensor gradients
         total_norm = total_norm.full_tensor()
     # scaling is linear, so each DTensor's local tensor is scaled where it lives, Partial too
-    g = _engine.gather(distributed.local_shards(grads, "clip_grads_with_norm_", linear=True),
-                       names)
+    g = _engine.gather(distributed.local_shards(grads), names)
     total = torch.as_tensor(total_norm, device=g.device)
     _engine.clip_in_place(g, _clip_coef(max_norm, total).reshape(1), float("inf"))
 
@@ -306,9 +304,11 @@ def clip_grad_value_(
     grads, names = grads_of(parameters)
     if not grads:
         return
-    # Elementwise, so a DTensor's local shard is clamped where it lives. (local_shards checks
+    # Elementwise, so a DTensor's local shard is clamped where it lives. (any_dtensor checks
     # each distinct type once: a per-tensor check costs ~1.5 ms over 10,000 cold gradients.)
-    grads = distributed.local_shards(grads, "clip_grad_value_", linear=False)
+    if distributed.any_dtensor(grads):
+        distributed.refuse_partial(grads, "clip_grad_value_")
+        grads = distributed.local_shards(grads)
     _engine.clip_in_place(_engine.gather(grads, names), None, clip_value)
 
 

@@ -51,11 +51,15 @@ class _Grads:
         names = None if names is None else [names[i] for i in keep]
         # DTensor gradients (FSDP2, tensor parallel): the clippers read and write the local
         # shards, and the group makes the norms the whole set's (as in the Monitor)
-        grads = distributed.local_shards([p.grad for p in params], "a clipper", linear=False)
+        grads = [p.grad for p in params]
+        if distributed.any_dtensor(grads):
+            distributed.refuse_partial(grads, "a clipper")
+            if group is None:
+                distributed.require_group_for_shards(grads, "a clipper")
+            grads = distributed.local_shards(grads)
         if group is None:
             if not params:
                 return None
-            distributed.require_group_for_shards([p.grad for p in params], "a clipper")
             return cls(params, *_engine.gather_stats(grads, names, _L2))
 
         g, raw, numel, error = distributed.local_stats(grads, names, _L2)
@@ -368,7 +372,7 @@ class AGC(Clipper):
         params = [grads.params[i] for i in keep]
         # this rank's rows of each weight and gradient (exact for row-sharded DTensors)
         ws = distributed.local_parts([p.detach() for p in params])
-        gs = distributed.local_shards([p.grad for p in params], "AGC", linear=False)
+        gs = distributed.local_shards([p.grad for p in params])  # (Partial refused in of())
         w_norm = _unit_norms(ws)
         g_norm = _unit_norms(gs)
         max_norm = w_norm.clamp(min=self.eps) * self.clip_factor
@@ -385,10 +389,10 @@ def _units(t: torch.Tensor) -> int:
 def _unit_table(tensors: list[torch.Tensor]) -> WorkSet | None:
     """One table entry per unit, built with numpy (no Python loop over rows); None when a tensor
     is not contiguous and dense, or the compiled backends are not in use."""
-    from ._table import DTYPE_CODES
+    from ._table import DTYPE_CODES, PLAIN_TENSOR_TYPES
 
     if any(not t.is_contiguous() or t.layout != torch.strided or t.device.type != "cpu"
-           or type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+           or type(t) not in PLAIN_TENSOR_TYPES for t in tensors):
         return None  # (a subclass may keep its values elsewhere: the torch path handles it)
     units = np.array([_units(t) for t in tensors], dtype=np.int64)
     numel = np.array([t.numel() for t in tensors], dtype=np.int64)

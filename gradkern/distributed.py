@@ -224,7 +224,7 @@ def any_dtensor(tensors: list) -> bool:
 
 def dtensor_local(t) -> torch.Tensor:
     """The local shard of a DTensor gradient, its partial sums reduced first (once)."""
-    if has_partial([t]):
+    if is_partial(t):
         from torch.distributed.tensor import Replicate
 
         placements = [Replicate() if p.is_partial() else p for p in t.placements]
@@ -240,27 +240,37 @@ def local_parts(tensors: list) -> list:
         if any_dtensor(tensors) else tensors
 
 
+def is_partial(t) -> bool:
+    """Whether ``t`` is a DTensor with a Partial placement (one term of a sum on each rank)."""
+    return is_dtensor(t) and any(p.is_partial() for p in t.placements)
+
+
 def has_partial(tensors: list) -> bool:
-    """Whether some tensor is a DTensor with a Partial placement (a term of a sum per rank)."""
-    return any(is_dtensor(t) and any(p.is_partial() for p in t.placements) for t in tensors)
+    """Whether some tensor is a Partial DTensor (one check per distinct type when none is a
+    DTensor)."""
+    return any(map(is_partial, tensors)) if any_dtensor(tensors) else False
 
 
-def local_shards(tensors: list, what: str, linear: bool) -> list:
+def local_shards(tensors: list) -> list:
     """For writing in place: each DTensor's own local tensor, other tensors as they are; the
-    list itself when none is a DTensor. A Partial DTensor holds one term of a sum on each rank:
-    scaling every term by one coefficient scales the sum (``linear=True``, the caller has read
-    the sum elsewhere); anything else would clip the terms, not the gradient, so without
-    ``linear`` it raises TypeError naming ``what``, before anything is written."""
+    list itself when none is a DTensor. A Partial DTensor's local tensor is one term of its
+    sum: scaling every term by one coefficient scales the sum, anything else needs
+    :func:`refuse_partial` first."""
+    return [t.to_local() if is_dtensor(t) else t for t in tensors] \
+        if any_dtensor(tensors) else tensors
+
+
+def refuse_partial(tensors: list, what: str) -> None:
+    """TypeError naming ``what`` when a tensor is a Partial DTensor: clamping its terms (or
+    reading their statistics and writing them back) would clip the terms, not the gradient."""
     if not any_dtensor(tensors):
-        return tensors
-    if not linear:
-        for i, t in enumerate(tensors):
-            if has_partial([t]):
-                raise TypeError(
-                    f"{what} cannot clip gradient #{i} in place: it is a DTensor with a "
-                    "Partial placement, whose local tensors are terms of a sum. Redistribute "
-                    "it first (Replicate or Shard).")
-    return [t.to_local() if is_dtensor(t) else t for t in tensors]
+        return
+    for i, t in enumerate(tensors):
+        if is_partial(t):
+            raise TypeError(
+                f"{what} cannot clip gradient #{i} in place: it is a DTensor with a Partial "
+                "placement, whose local tensors are terms of a sum. Redistribute it first "
+                "(Replicate or Shard).")
 
 
 def require_group_for_shards(tensors: list, what: str) -> None:

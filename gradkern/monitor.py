@@ -296,12 +296,12 @@ class Monitor:
         if kept is not None:
             present = tuple(kept)
             params = [params[i] for i in present]
-        if distributed.any_dtensor(grads):  # FSDP2, tensor parallel
-            if self.clipper is not None:  # it writes: the shards themselves, never copies
-                return present, params, distributed.local_shards(grads, "the Monitor's clipper",
-                                                                 linear=False)
-            grads = distributed.local_parts(grads)
-        return present, params, grads
+        if not distributed.any_dtensor(grads):  # one check per distinct type
+            return present, params, grads
+        if self.clipper is None:  # FSDP2, tensor parallel: this rank's part of each
+            return present, params, distributed.local_parts(grads)
+        distributed.refuse_partial(grads, "the Monitor's clipper")
+        return present, params, distributed.local_shards(grads)  # it writes: never copies
 
     def _layers_of(self, present: tuple[int, ...] | None, device: torch.device,
                    local_grads: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
