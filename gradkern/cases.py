@@ -151,7 +151,8 @@ class _TinyTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(tokens.shape[1], device=tokens.device)
-        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1])
+        # made on the tokens' device: a CPU mask would be copied every step, a host sync on a GPU
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], device=tokens.device)
         h = self.encoder(self.embed(tokens) + self.pos(pos), mask=mask, is_causal=True)
         return self.head(self.norm(h))
 
