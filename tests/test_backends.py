@@ -111,3 +111,46 @@ def test_a_table_upload_during_cuda_graph_capture_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="warm-up step outside the capture"):
         _device_table.to_device_async(np.zeros(3, dtype=np.int64), torch.device("cuda", 0))
+
+
+def test_gradients_at_new_addresses_upload_only_their_addresses(monkeypatch):
+    # zero_grad(set_to_none=True) frees the gradients every step, so the next ones may land
+    # elsewhere: the plan of their sizes and dtypes is reused and only the addresses travel.
+    # The upload is replaced by a host copy so that this runs without a GPU.
+    import numpy as np
+
+    from gradkern._chunks import CHUNK_ELEMS, chunk_plan
+    from gradkern.backends import _device_table
+
+    uploads = []
+
+    def upload(a, device):
+        uploads.append(len(a))
+        return torch.from_numpy(np.array(a))
+
+    monkeypatch.setattr(_device_table, "to_device_async", upload)
+
+    class Table:  # what the cache reads of a WorkSet
+        def __init__(self, addresses, numel, codes):
+            self.rows = (np.array(addresses, np.uint64), np.array(numel, np.int64),
+                         np.array(codes, np.int8))
+
+        def table(self):
+            return self.rows
+
+    numel, codes = [5, 0, 2 * CHUNK_ELEMS + 1], [0, 3, 2]
+    cache = _device_table.DeviceTableCache()
+    first = cache.get(Table([4096, 8192, 12288], numel, codes), "cpu")
+    moved = cache.get(Table([16384, 20480, 24576], numel, codes), "cpu")
+    again = cache.get(Table([4096, 8192, 12288], numel, codes), "cpu")
+    assert again is first and moved.plan is first.plan
+    # the first plan and its addresses, then only the new addresses (the plan is reused)
+    assert len(uploads) == 3 and uploads[2] == 3
+    assert moved.addresses.tolist() == [16384, 20480, 24576]
+    assert moved.numel.tolist() == numel and moved.codes.tolist() == codes
+    assert moved.codes.dtype == torch.int8
+    for got, want in zip((moved.chunk_tensor, moved.chunk_begin, moved.first_chunk),
+                         chunk_plan(np.array(numel, np.int64))):
+        assert got.tolist() == want.tolist()
+    resized = cache.get(Table([4096, 8192, 12288], [5, 1, 3], codes), "cpu")
+    assert resized.plan is not first.plan and resized.numel.tolist() == [5, 1, 3]

@@ -59,8 +59,11 @@ class NumbaCudaBackend:
     def _arrays(self, table: DeviceTable) -> tuple:
         arrays = table.extra.get("numba")
         if arrays is None:
-            arrays = tuple(map(self._cuda.as_cuda_array, table.tensors()))
-            table.extra["numba"] = arrays
+            plan = table.plan.extra.get("numba")  # numel, codes, chunk_tensor, ...: shared
+            if plan is None:
+                plan = table.plan.extra["numba"] = tuple(map(self._cuda.as_cuda_array,
+                                                             table.plan.tensors()))
+            arrays = table.extra["numba"] = (self._cuda.as_cuda_array(table.addresses), *plan)
         return arrays
 
     def _stream(self, device: torch.device):
