@@ -69,8 +69,8 @@ def gather(tensors: list[torch.Tensor], names: Sequence[str] | None = None, *,
     return Gathered(tensors, names, groups, first, dtype)
 
 
-def fused_stats(tensors: list[torch.Tensor], names: Sequence[str] | None,
-                spec: NormSpec) -> tuple[Gathered, RawStats, torch.Tensor] | None:
+def fused_stats(tensors: list[torch.Tensor], names: Sequence[str] | None, spec: NormSpec, *,
+                counts: bool = True) -> tuple[Gathered, RawStats, torch.Tensor | None] | None:
     """The fast path of :func:`gather_stats`, for lists of plain dense tensors on one device:
     the table read in one C loop, then the backend's pass; for the C++ CPU backend both in one
     call (its pass overlaps the reading). None when a tensor needs the general path, so never
@@ -83,12 +83,13 @@ def fused_stats(tensors: list[torch.Tensor], names: Sequence[str] | None,
         if dense is None:
             return None
         g = _whole(tensors, names, backend, dense)
-        return (g, *tensor_stats(g, spec))
+        return (g, *tensor_stats(g, spec, counts=counts))
     hit = read_tensor_stats(tensors, spec)
     if hit is None:
         return None
     ws, raw = hit
-    return _whole(tensors, names, backend, ws), raw, torch.from_numpy(ws.numel)
+    return (_whole(tensors, names, backend, ws), raw,
+            torch.from_numpy(ws.numel) if counts else None)
 
 
 def _whole(tensors: list[torch.Tensor], names: Sequence[str] | None, backend: Backend,
@@ -100,26 +101,30 @@ def _whole(tensors: list[torch.Tensor], names: Sequence[str] | None, backend: Ba
 
 
 def gather_stats(tensors: list[torch.Tensor], names: Sequence[str] | None, spec: NormSpec, *,
-                 fused_failed: bool = False) -> tuple[Gathered, RawStats, torch.Tensor]:
+                 fused_failed: bool = False,
+                 counts: bool = True) -> tuple[Gathered, RawStats, torch.Tensor | None]:
     """``(gathered, raw, numel)``: :func:`gather` then :func:`tensor_stats`, through
     :func:`fused_stats` where it applies. Raises (touching nothing) as :func:`gather` does.
     ``fused_failed``: the caller already had :func:`fused_stats` return None for these
-    tensors."""
+    tensors. ``counts=False``: numel is None (a caller that never uses the element counts
+    spares their device copy, a kernel launch on a GPU)."""
     if not fused_failed:
-        fused = fused_stats(tensors, names, spec)
+        fused = fused_stats(tensors, names, spec, counts=counts)
         if fused is not None:
             return fused
     # fused_stats has read the table in one C loop and met a tensor that needs the general path
     g = gather(tensors, names, try_dense=False)
-    return (g, *tensor_stats(g, spec))
+    return (g, *tensor_stats(g, spec, counts=counts))
 
 
-def tensor_stats(g: Gathered, spec: NormSpec) -> tuple[RawStats, torch.Tensor]:
-    """Per-tensor statistics over the whole list on ``g.device``, and the element counts."""
+def tensor_stats(g: Gathered, spec: NormSpec, *,
+                 counts: bool = True) -> tuple[RawStats, torch.Tensor | None]:
+    """Per-tensor statistics over the whole list on ``g.device``, and the element counts (None
+    unless ``counts``)."""
     parts = []
     for group in g.groups:
         raw = group.backend.tensor_stats(group.work, spec)
-        numel = _element_counts(group)
+        numel = _element_counts(group) if counts else None
         if group.work.implicit_zeros is not None:
             device = raw.zeros.device
             raw.zeros = raw.zeros + _from_host(group.work.implicit_zeros, device)
@@ -130,16 +135,17 @@ def tensor_stats(g: Gathered, spec: NormSpec) -> tuple[RawStats, torch.Tensor]:
         parts.append((group, raw, numel))
     if len(parts) == 1:
         _, raw, numel = parts[0]
-        return _to(raw, g.device), numel.to(g.device)
+        return _to(raw, g.device), None if numel is None else numel.to(g.device)
     n = len(g.tensors)
     full = RawStats(*(torch.empty(n, dtype=d, device=g.device) for d in
                       (torch.float64, torch.float64, torch.int64, torch.int64)))
-    full_numel = torch.empty(n, dtype=torch.int64, device=g.device)
+    full_numel = torch.empty(n, dtype=torch.int64, device=g.device) if counts else None
     for group, raw, numel in parts:
         raw = _to(raw, g.device)
         for name in ("power_sum", "max_abs", "nonfinite", "zeros"):
             getattr(full, name)[group.index] = getattr(raw, name)
-        full_numel[group.index] = numel.to(g.device)
+        if counts:
+            full_numel[group.index] = numel.to(g.device)
     return full, full_numel
 
 

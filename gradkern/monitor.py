@@ -1,11 +1,13 @@
 """gk.Monitor: per-layer gradient health every step, on the device; detectors every log step.
 
 Every optimizer step the Monitor runs the fused stats kernel once over all gradients (sum of
-squares, max |g|, non-finite and zero counts per tensor), reduces them to layers with
-``index_add_`` on the device, and writes one row of a ring buffer; clipping, when asked for,
-reuses those statistics (no second read pass). Nothing is read back to the host until the
-ring is full: every ``log_every`` steps the buffered rows are copied back in one transfer
-(asynchronously on CUDA, processed at the next log step), then the detectors and sinks run.
+squares, max |g|, non-finite and zero counts per tensor) and copies them into one row of a ring
+buffer on the device; clipping, when asked for, reuses those statistics (no second read pass).
+Nothing is read back to the host until the ring is full: every ``log_every`` steps the buffered
+rows are reduced to layers on the device (one ``index_add_`` over all of them) and copied back
+in one transfer (asynchronously on CUDA, processed at the next log step), then the detectors and
+sinks run. An ordinary step thus costs the host one table read, one kernel launch and one
+``_foreach_copy_``: on a host-bound GPU step that is what the Monitor's overhead is made of.
 The one exception is ``skip_nonfinite=True``, which must know before the update whether to skip
 it: that costs one host read of a flag per step, as ``torch.amp.GradScaler`` does.
 """
@@ -158,8 +160,11 @@ class Monitor:
 
         n_layers = len(self.layers)
         self._param_layer = np.asarray(self.layers.layer_of, dtype=np.int64)
-        self._ring: torch.Tensor | None = None  # (log_every, layers, _FIELDS) float64
-        self._ring_views: list[tuple[torch.Tensor, ...]] = []
+        # per-tensor stats of each buffered step: (log_every, _FIELDS, watched params) float64,
+        # the first n_present columns of a slot used; reduced to layers at the flush
+        self._ring: torch.Tensor | None = None
+        self._ring_views: dict[tuple[int, int], list[torch.Tensor]] = {}  # (slot, n) -> fields
+        self._ring_index: list[torch.Tensor | None] = []  # per slot: the layer of each column
         self._ring_numel = np.zeros((self.log_every, n_layers), dtype=np.int64)
         self._ring_steps: list[int] = []
         self._ring_skipped: list[bool] = []
@@ -251,29 +256,29 @@ class Monitor:
         present, params, local_grads = self._current_grads()
         if not params:
             self._ring_numel[slot] = 0
-            if self._ring is not None:
-                self._ring[slot].zero_()
+            self._ring_index.append(None)
             return False, present
-        g, raw, numel = _engine.gather_stats(local_grads, None, _L2)
+        # the element counts on the device only for a clipper (a kernel launch otherwise spent)
+        g, raw, numel = _engine.gather_stats(local_grads, None, _L2,
+                                             counts=self.clipper is not None)
         device = raw.power_sum.device
         if self._ring is None:
-            self._ring = torch.zeros(self.log_every, len(self.layers), _FIELDS,
+            self._ring = torch.empty(self.log_every, _FIELDS, len(self.layers.params),
                                      dtype=torch.float64, device=device)
-            # each slot's row and its four columns, made once (a view costs microseconds)
-            self._ring_views = [(row, *row.unbind(1)) for row in self._ring]
         index, layer_numel = self._layers_of(present, device, local_grads)
         self._ring_numel[slot] = layer_numel
-        row, grad_sq, grad_max, nonfinite, zeros = self._ring_views[slot]
-        row.zero_()
-        grad_sq.index_add_(0, index, raw.power_sum)
-        grad_max.scatter_reduce_(0, index, raw.max_abs, "amax")
-        nonfinite.index_add_(0, index, raw.nonfinite.to(torch.float64))
-        zeros.index_add_(0, index, raw.zeros.to(torch.float64))
+        self._ring_index.append(index)
+        fields = self._ring_views.get((slot, len(params)))
+        if fields is None:  # made once per slot and size (a view costs microseconds)
+            fields = list(self._ring[slot, :, :len(params)].unbind(0))
+            self._ring_views[(slot, len(params))] = fields
+        # one call for the four copies (the counts become float64 on the way)
+        torch._foreach_copy_(fields, [raw.power_sum, raw.max_abs, raw.nonfinite, raw.zeros])
 
         if self._want_histograms and slot == self.log_every - 1:
             self._histograms[self.steps] = self._log2_histograms(local_grads, index)
         if self.skip_nonfinite:
-            bad = nonfinite.sum()
+            bad = raw.nonfinite.sum()
             if self.group is not None:
                 dist.all_reduce(bad, group=self.group)  # every rank skips, or none does
             if bool(bad > 0):  # the one host sync, by request
@@ -364,9 +369,9 @@ class Monitor:
     def _measure_updates(self) -> None:
         present, params, before = self._snapshot
         self._snapshot = None
-        _, w_raw, _ = _engine.gather_stats(before, None, _L2)
+        _, w_raw, _ = _engine.gather_stats(before, None, _L2, counts=False)
         torch._foreach_sub_(before, distributed.local_parts(params))  # before becomes -update
-        _, d_raw, _ = _engine.gather_stats(before, None, _L2)
+        _, d_raw, _ = _engine.gather_stats(before, None, _L2, counts=False)
         index, _ = self._layers_of(present, w_raw.power_sum.device, before)
         sums = torch.stack([w_raw.power_sum, d_raw.power_sum])
         # weight^2 and update^2 per layer: reduced as sums, square roots on the host
@@ -388,7 +393,7 @@ class Monitor:
             stacked = torch.stack([histograms[s] for s in sorted(histograms)])
             dist.all_reduce(stacked, group=self.group)
             histograms = dict(zip(sorted(histograms), stacked))
-        rows = None if self._ring is None else self._ring[:count]
+        rows = None if self._ring is None else self._layer_rows(count)
         rank_flags = None
         if self.group is not None and rows is not None:
             rows, meta, updates, rank_flags = self._reduce_across_ranks(rows, meta, updates)
@@ -410,9 +415,30 @@ class Monitor:
         else:
             host, ready = rows.clone(), None
             update_host = updates
-        self._ring_steps, self._ring_skipped = [], []
+        self._ring_steps, self._ring_skipped, self._ring_index = [], [], []
         self._pending.append((ready, host, meta, update_host, rank_flags, histograms))
         self._drain(block=False)
+
+    def _layer_rows(self, count: int) -> torch.Tensor:
+        """The first ``count`` slots of the ring reduced to layers: (count, layers, _FIELDS)
+        float64 on the ring's device. Runs of slots with the same layer index (the same
+        parameters had gradients, the usual case: all of them) are reduced together."""
+        rows = torch.zeros(count, _FIELDS, len(self.layers), dtype=torch.float64,
+                           device=self._ring.device)
+        start = 0
+        while start < count:
+            index = self._ring_index[start]
+            end = start + 1
+            while end < count and self._ring_index[end] is index:
+                end += 1
+            if index is not None:  # None: no gradient that step, its row stays zero
+                part = self._ring[start:end, :, :len(index)]
+                out = rows[start:end]
+                out.index_add_(2, index, part)  # the sums and counts (and maxima, replaced next)
+                out[:, 1].zero_().scatter_reduce_(1, index.expand(end - start, -1), part[:, 1],
+                                                  "amax")
+            start = end
+        return rows.transpose(1, 2).contiguous()
 
     def _reduce_across_ranks(self, rows: torch.Tensor, meta: list, updates: dict):
         """Whole-model rows: sums and counts in one all_reduce, maxima in another. Also which

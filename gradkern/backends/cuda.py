@@ -14,7 +14,8 @@ import torch
 
 from .._norm_spec import NormSpec
 from .._table import WorkSet
-from ._device_table import DeviceTableCache, device_of, multiprocessors
+from ._device_table import (DeviceTableCache, current_stream_handle, device_guard, device_of,
+                            multiprocessors)
 from .base import RawStats, empty_stats
 
 try:
@@ -58,13 +59,13 @@ class CudaBackend:
 
     @staticmethod
     def _launch_args(device: torch.device) -> tuple[int, int]:
-        return multiprocessors(device.index), torch.cuda.current_stream(device).cuda_stream
+        return multiprocessors(device.index), current_stream_handle(device)
 
     def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
         device = device_of(ws)
         n = ws.size
         out = empty_stats(n, device)
-        with torch.cuda.device(device):
+        with device_guard(device):
             handles, n_chunks = self._handles(ws, device)
             workspace = torch.empty(_cuda.WORKSPACE_WORDS * max(n_chunks, 1), dtype=torch.float64,
                                     device=device)
@@ -77,7 +78,7 @@ class CudaBackend:
 
     def clip_in_place(self, ws: WorkSet, coef: torch.Tensor | None, clip_value: float) -> None:
         device = device_of(ws)
-        with torch.cuda.device(device):
+        with device_guard(device):
             handles, _ = self._handles(ws, device)
             sm_count, stream = self._launch_args(device)
             if coef is None:
