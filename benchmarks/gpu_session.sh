@@ -42,9 +42,12 @@ for step in "$@"; do
       (cd /tmp && python "$repo/benchmarks/monitor_host_cost.py" --device cuda \
         --json "$out/gpu-monitor-host-cost.json") 2>&1 | tee "$out/gpu-monitor-host-cost.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-      (cd /tmp && python "$repo/benchmarks/gpu_monitor_overhead.py" \
-        --json "$out/gpu-monitor-overhead.json") 2>&1 | tee "$out/gpu-monitor-overhead.log"
-      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      # batch 16 leaves the step host-bound, batch 64 makes it GPU-bound
+      for batch in 16 64; do
+        (cd /tmp && python "$repo/benchmarks/gpu_monitor_overhead.py" --batch $batch \
+          --json "$out/gpu-monitor-overhead-b$batch.json") 2>&1 | tee "$out/gpu-monitor-overhead-b$batch.log"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      done
       ;;
     suite)
       (cd /tmp && GRADKERN_REQUIRE=cpp,numba,cuda python -m pytest -q -rfEs -p no:cacheprovider \
