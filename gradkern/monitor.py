@@ -6,8 +6,8 @@ buffer on the device; clipping, when asked for, reuses those statistics (no seco
 Nothing is read back to the host until the ring is full: every ``log_every`` steps the buffered
 rows are reduced to layers on the device (one ``index_add_`` over all of them) and copied back
 in one transfer (asynchronously on CUDA, processed at the next log step), then the detectors and
-sinks run. An ordinary step thus costs the host one table read, one kernel launch and one
-``_foreach_copy_``: on a host-bound GPU step that is what the Monitor's overhead is made of.
+sinks run. An ordinary step thus costs the host one table read, the stats pass's launches and
+one ``_foreach_copy_``: on a host-bound GPU step that is what the Monitor's overhead is made of.
 The one exception is ``skip_nonfinite=True``, which must know before the update whether to skip
 it: that costs one host read of a flag per step, as ``torch.amp.GradScaler`` does.
 """
