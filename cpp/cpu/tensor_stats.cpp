@@ -164,7 +164,11 @@ void tensor_stats_impl(const TensorTable& table, double p, TensorStatsOut out) {
 // tensor_stats_impl folds it, so the results are the same bits. Tensors of more than one chunk
 // wait for the chunk-parallel pass after the read, so one large tensor never runs on one thread.
 
-constexpr std::int64_t kStreamMinRows = 64;   // below this, read first, then reduce
+// Below this many rows the table is read first (a few us per hundred rows), then reduced: the
+// pass then knows its size, and a small one (a small model's gradients) stays on the calling
+// thread instead of waking the others (see kMinParallelRanges). A model of a few hundred
+// parameter tensors loses only the overlap of that short read.
+constexpr std::int64_t kStreamMinRows = 512;
 constexpr std::int64_t kPublishRows = 16;     // rows the reader reads between publications
 // Rows a reducer takes at a time. Only the last kTensorsAhead of them have their data prefetched
 // in time, and each claim moves `claimed` between cores: on 10,000 x 1,000 fp32, get_total_norm
