@@ -47,3 +47,51 @@ def test_limit_reads_a_flat_buffer_for_many_small_tensors():
     # a flat buffer is capped at 4 GiB
     huge = LimitPasses([torch.empty(3 << 30, dtype=torch.float16, device="meta")], "meta")
     assert huge.read_bytes == 4 << 30
+
+
+def _load_cpu_targets():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_targets.py"
+    spec = importlib.util.spec_from_file_location("cpu_targets", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_targets_read_each_row_the_way_round_its_target_names():
+    targets = _load_cpu_targets()
+    many, gpt2, huge = targets.MANY, targets.GPT2, targets.HUGE
+
+    def row(op, scenario, speedup, share=0.5):
+        return dict(op=op, scenario=scenario, speedup=speedup, limit_share=share)
+
+    run = {"rows": [
+        row("total norm", many, 9.9), row("total norm", huge, 1.2, share=0.86),
+        row("clip_grad_norm_, no clipping", many, 12.0),
+        row("clip_grad_value_, <1% clamped", gpt2, 2.5),
+        row("clip_grad_value_, nothing clamped", gpt2, 2.6),
+        # speed-up = total-norm time / grad_stats time: 0.8 means stats take 1.25x the time
+        row("grad_stats vs gradkern total norm", many, 0.8),
+        row("grad_stats vs gradkern total norm", gpt2, 1.1),
+        row("grad_stats vs per-tensor torch", many, 40.0),
+        row("grad_stats vs per-tensor torch", gpt2, 4.0),
+        # the "torch" column is Numba: speed-up = Numba time / C++ time
+        row("total norm: numba vs gradkern", huge, 2.5),
+    ], "monitor_rows": [dict(op="training step + gradkern", inside_ms=4.0),
+                        dict(op="training step + hooks", inside_ms=44.0)]}
+    lines = {line[:58].strip(): line[58:] for line in targets.report([run])}
+    assert lines["total norm, 10,000 x 1,000, >= 10x"].split() == ["9.90x", "met", "in", "0", "of", "1"]
+    assert "12.00x   met in 1 of 1" in lines["clip_grad_norm_, 10,000 x 1,000, >= 10x"]
+    assert "2.50x   met in 1 of 1" in lines["clip_grad_value_, GPT-2, < 1% clamped, >= 2.5x"]
+    assert lines["its ceiling (torch / gradkern reading, writing nothing)"].split() == ["2.60x"]
+    assert "1.25x   met in 0 of 1" in lines["grad_stats vs total norm alone, <= 1.15x the time"]
+    assert "4.00x   met in 0 of 1" in lines["grad_stats vs per-tensor torch calls, >= 5x"]
+    assert "86%   met in 1 of 1" in lines["total norm, 4 x 64M, >= 85% of read bandwidth"]
+    assert "0.40x   met in 0 of 1" in lines["Numba vs C++, 4 x 64M, >= 0.5x"]
+    assert "11.00x   met in 1 of 1" in lines["Monitor vs per-parameter hooks, >= 10x less time in hooks"]
+    # a run without a row shows "-" and does not count
+    assert lines["clip_grad_norm_, GPT-2, clipping, >= 1.0x"].split() == ["-", "met", "in", "0", "of", "0"]

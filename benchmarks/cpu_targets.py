@@ -1,0 +1,136 @@
+"""Issue 2's CPU targets, read from saved ``gradkern bench --json`` runs.
+
+    python benchmarks/cpu_targets.py benchmarks/results/cpu-2core-session12-run*.json
+
+prints one line per target: its value in each run, and in how many runs it was met. Where a run
+has the ``clip_grad_value_, nothing clamped`` row (session 12 on), the clip-by-value line also
+gives that run's ceiling: torch's time over a gradkern pass that reads every value and writes
+none, the largest speed-up any one-read-pass clip could show in that run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+MANY = "many-small 10,000 x 1,000"
+GPT2 = "GPT-2-small shapes (12 layers)"
+HUGE = "huge 4 x 64M"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    read: Callable[[dict], float | None]  # the run's value, None where the run lacks the row
+    met: Callable[[float], bool]
+    unit: str  # how the value prints: "x" speed-up, "%" share, "t" time ratio
+
+
+def _row(run: dict, op: str, scenario: str | None = None) -> list[dict]:
+    return [r for r in run["rows"] if r["op"] == op and (scenario is None or r["scenario"] == scenario)]
+
+
+def _speedup(op: str, scenario: str) -> Callable[[dict], float | None]:
+    def read(run: dict) -> float | None:
+        rows = _row(run, op, scenario)
+        return rows[0]["speedup"] if rows else None
+    return read
+
+
+def _stats_time_ratio(run: dict) -> float | None:
+    # The bench's speed-up column here is total-norm time / grad_stats time; the target is its
+    # inverse, the worst scenario counting.
+    rows = _row(run, "grad_stats vs gradkern total norm")
+    return max(1 / r["speedup"] for r in rows) if rows else None
+
+
+def _stats_vs_per_tensor(run: dict) -> float | None:
+    rows = _row(run, "grad_stats vs per-tensor torch")
+    return min(r["speedup"] for r in rows) if rows else None
+
+
+def _huge_share(run: dict) -> float | None:
+    rows = _row(run, "total norm", HUGE)
+    return rows[0]["limit_share"] if rows else None
+
+
+def _numba_over_cpp(run: dict) -> float | None:
+    # That row's "torch" column is Numba's time, so its speed-up is Numba time / C++ time.
+    rows = _row(run, "total norm: numba vs gradkern", HUGE)
+    return 1 / rows[0]["speedup"] if rows else None
+
+
+def _monitor_vs_hooks(run: dict) -> float | None:
+    inside = {r["op"]: r["inside_ms"] for r in run.get("monitor_rows", [])}
+    if "training step + hooks" not in inside:
+        return None
+    return inside["training step + hooks"] / inside["training step + gradkern"]
+
+
+TARGETS = [
+    Target("total norm, 10,000 x 1,000, >= 10x", _speedup("total norm", MANY),
+           lambda v: v >= 10, "x"),
+    Target("clip_grad_norm_, 10,000 x 1,000, >= 10x",
+           _speedup("clip_grad_norm_, no clipping", MANY), lambda v: v >= 10, "x"),
+    Target("clip_grad_norm_, GPT-2, no clipping, >= 1.8x",
+           _speedup("clip_grad_norm_, no clipping", GPT2), lambda v: v >= 1.8, "x"),
+    Target("clip_grad_norm_, GPT-2, clipping, >= 1.0x",
+           _speedup("clip_grad_norm_, clipping", GPT2), lambda v: v >= 1.0, "x"),
+    Target("clip_grad_value_, GPT-2, < 1% clamped, >= 2.5x",
+           _speedup("clip_grad_value_, <1% clamped", GPT2), lambda v: v >= 2.5, "x"),
+    Target("grad_stats vs total norm alone, <= 1.15x the time", _stats_time_ratio,
+           lambda v: v <= 1.15, "t"),
+    Target("grad_stats vs per-tensor torch calls, >= 5x", _stats_vs_per_tensor,
+           lambda v: v >= 5, "x"),
+    Target("total norm, 4 x 64M, >= 85% of read bandwidth", _huge_share,
+           lambda v: v >= 0.85, "%"),
+    Target("Numba vs C++, 4 x 64M, >= 0.5x", _numba_over_cpp, lambda v: v >= 0.5, "x"),
+    Target("Monitor vs per-parameter hooks, >= 10x less time in hooks", _monitor_vs_hooks,
+           lambda v: v >= 10, "x"),
+]
+
+CEILING = _speedup("clip_grad_value_, nothing clamped", GPT2)
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "%":
+        return f"{100 * value:.0f}%"
+    return f"{value:.2f}x"
+
+
+def report(runs: list[dict]) -> list[str]:
+    """One line per target: the value in each run, then how many of the runs met it."""
+    lines = []
+    for target in TARGETS:
+        values = [target.read(run) for run in runs]
+        present = [v for v in values if v is not None]
+        met = sum(target.met(v) for v in present)
+        lines.append(f"{target.name:58s} {' '.join(f'{_fmt(v, target.unit):>7s}' for v in values)}"
+                     f"   met in {met} of {len(present)}")
+        if target.name.startswith("clip_grad_value_"):
+            ceilings = [CEILING(run) for run in runs]
+            lines.append(f"{'  its ceiling (torch / gradkern reading, writing nothing)':58s} "
+                         f"{' '.join(f'{_fmt(v, target.unit):>7s}' for v in ceilings)}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="JSON files from gradkern bench --json")
+    args = parser.parse_args(argv)
+    runs = [json.loads(path.read_text()) for path in args.runs]
+    quick = [str(path) for path, run in zip(args.runs, runs) if run.get("quick")]
+    if quick:
+        parser.error(f"--quick runs use smaller sets than the targets name: {', '.join(quick)}")
+    print(f"{'target':58s} " + " ".join(f"{'run ' + str(i + 1):>7s}" for i in range(len(runs))))
+    print("\n".join(report(runs)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
