@@ -9,7 +9,8 @@ from torch.nn.utils import clip_grad_norm_ as torch_clip_grad_norm_
 from torch.nn.utils import clip_grad_value_ as torch_clip_grad_value_
 
 import gradkern as gk
-from conftest import DTYPES, NORM_TYPES, make_params, reference_norm, ulp_tolerance
+from conftest import (DTYPES, NARROW_INPUT_RTOL, NORM_TYPES, make_params, reference_norm,
+                      ulp_tolerance)
 
 SHAPES = [(0,), (), (1,), (7,), (33, 5), (70_001,), (3, 65_536)]
 
@@ -39,7 +40,10 @@ def test_mixed_dtypes_promote_like_torch(backend, dtypes):
     grads = [make_params([(100,)], d, seed=i)[0].grad for i, d in enumerate(dtypes)]
     got = gk.get_total_norm(grads)
     assert got.dtype == torch.nn.utils.get_total_norm(grads).dtype
-    assert _close(got, reference_norm(grads, 2.0), got.dtype)
+    # An fp64 total over narrower grads is as exact as their part of it: DESIGN's 1e-6 for fp32
+    # (torch's own fp32 norms of those parts are rounded to fp32 before the fp64 sum).
+    rtol = max(ulp_tolerance(got.dtype), *(NARROW_INPUT_RTOL for d in dtypes if d != torch.float64))
+    assert torch.isclose(got.double(), reference_norm(grads, 2.0).double(), rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -185,8 +189,12 @@ def test_backends_agree_with_each_other():
         previous = gk.set_backend(name)
         try:
             s = gk.grad_stats(params)
-            results[name] = (s.norm, s.max_abs, s.zeros, s.total_norm)
+            results[name] = s
         finally:
             gk.set_backend(previous)
-    for a, b in zip(*results.values()):
-        assert torch.equal(a, b)
+    a, b = results.values()
+    assert torch.equal(a.max_abs, b.max_abs) and torch.equal(a.zeros, b.zeros)
+    # The power sums are added differently (fp32 runs in C++, fp64 throughout in Numba): both
+    # are within NARROW_INPUT_RTOL of float64 arithmetic, so within that of each other.
+    for x, y in ((a.norm, b.norm), (a.total_norm, b.total_norm)):
+        torch.testing.assert_close(x, y, rtol=NARROW_INPUT_RTOL, atol=0)

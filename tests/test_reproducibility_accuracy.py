@@ -72,6 +72,39 @@ def test_fp32_accuracy_on_2e7_elements(backend, p):
     assert abs(got - exact) / exact <= 1e-6
 
 
+def _relative_errors(g: torch.Tensor, p: float) -> tuple[float, float]:
+    """Relative errors of get_total_norm and grad_stats' norm of one tensor."""
+    exact = torch.linalg.vector_norm(g.double(), p).item()
+    total = gk.get_total_norm([g], p).double().item()
+    stats = gk.grad_stats([type("P", (), {"grad": g})()], p).norm.double().item()
+    return abs(total - exact) / exact, abs(stats - exact) / exact
+
+
+@pytest.mark.parametrize("scale", [2.0**-80, 2.0**-45, 2.0**-38, 1.0, 2.0**55, 2.0**62, 2.0**70])
+@pytest.mark.parametrize("p", [2.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_accuracy_across_the_exponent_range(backend, scale, p, dtype):
+    """The C++ loop adds fp32 and bf16 terms in short fp32 runs: squares of |g| < 2^-63 would be
+    subnormal there and those of |g| >= 2^64 infinite, so chunks outside 2^-40 <= max|g| < 2^60
+    must be re-reduced in fp64. Without that, 2^-80 gives 0 and 2^62 and 2^70 give inf."""
+    gen = torch.Generator().manual_seed(5)
+    g = ((torch.rand(200_003, generator=gen) + 1) * scale).to(dtype)  # one sign, [1, 2) x scale
+    final_rounding = {torch.float32: 6e-8, torch.bfloat16: 4e-3}[dtype]  # to the result dtype
+    for err in _relative_errors(g, p):
+        assert err <= 1e-6 + final_rounding, (scale, p, err)
+
+
+def test_fp32_accuracy_on_constant_gradients(backend):
+    """Equal values make every fp32 run round the same way, so run errors do not average out
+    as they do on random values; the 1e-6 bound must hold anyway."""
+    gen = torch.Generator().manual_seed(3)
+    for c in (torch.rand(32, generator=gen) + 1).tolist():
+        g = torch.full((65_536 + 100,), c)  # a whole chunk and a short one
+        for p in (1.0, 2.0):
+            for err in _relative_errors(g, p):
+                assert err <= 1e-6 + 6e-8, (c, p, err)
+
+
 @pytest.mark.skipif(os.environ.get("GRADKERN_TEST_BIGMEM") != "1",
                     reason="set GRADKERN_TEST_BIGMEM=1 to run (needs ~9 GB of memory)")
 def test_bigmem_tensor_over_2_31_elements(backend):
@@ -101,8 +134,8 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     grads.append(grads[3].clone())
     grads[-1][12_345] = float("nan")
     grads[-1][99_999] = float("inf")
-    # The float64 power sums themselves, not only the norms rounded to the result dtype: the
-    # AVX2 build squares and adds in one fused step where that is exact, and must stay exact.
+    # The float64 power sums themselves, not only the norms rounded to the result dtype, at
+    # scales inside and outside the range of the fast loop's fp32 runs.
     scaled = [g * s for g in grads[:4] for s in (1.0, 1e-20, 1e30) if (g * s).isfinite().all()]
     table = (np.array([g.data_ptr() for g in scaled], np.uint64),
              np.array([g.numel() for g in scaled], np.int64),

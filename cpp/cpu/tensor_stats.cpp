@@ -4,7 +4,8 @@
 // Each chunk is reduced with kLanes independent accumulators (so the compiler can vectorize
 // without being allowed to reassociate), the lanes are folded in a fixed order, and the chunks of
 // a tensor are folded in chunk order: the result is identical run to run and for any thread count.
-// Power sums accumulate in fp64 whatever the input dtype.
+// Chunk partials are fp64 whatever the input dtype (the fast loop adds fp32, fp16 and bf16 power
+// terms in runs of 8 per lane in fp32 first: see cpp/cpu/isa/fast_kernels.cpp).
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -82,16 +83,16 @@ Partial reduce_chunk(const typename Access::storage* x, std::int64_t n, double p
   return r;
 }
 
-// The common kinds (p = 1, 2, inf, 0) of finite chunks take the vectorized loop of
-// cpp/cpu/isa/fast_kernels.cpp, which uses the same lanes and the same fp64 arithmetic as
-// reduce_chunk, so both give the same bits. A chunk with NaN or inf is re-reduced here exactly
-// while it is still in cache.
+// The common kinds (p = 1, 2, inf, 0) take the vectorized loop of cpp/cpu/isa/fast_kernels.cpp
+// (the same lanes; fp32 runs for narrow formats, within 4.8e-7 of reduce_chunk). A chunk the
+// loop cannot vouch for (NaN or inf, or magnitudes outside its fp32 range) is re-reduced here
+// exactly while it is still in cache.
 template <class Access, NormKind K>
 Partial reduce_chunk_best(const FastKernels& fast, std::int8_t dtype,
                           const typename Access::storage* x, std::int64_t n, double p) {
   if constexpr (has_fast_stats(K)) {
     const FastStats f = fast.stats[dtype][static_cast<int>(K)](x, n);
-    if (f.finite) return Partial{f.power_sum, f.max_abs, 0, f.zeros, false};
+    if (f.usable) return Partial{f.power_sum, f.max_abs, 0, f.zeros, false};
   }
   return reduce_chunk<Access, K>(x, n, p);
 }

@@ -1,12 +1,13 @@
 """Numba twins of cpp/cpu/tensor_stats.cpp, cpp/cpu/isa/fast_kernels.cpp and
 cpp/cpu/clip_in_place.cpp.
 
-Same chunk plan and fp64 accumulation as the C++ kernels, chunks folded in order, so results
-do not depend on the thread count. As in C++, the common kinds (p = 1, 2, inf, 0) of finite
+Same chunk plan and fp64 partials as the C++ kernels, chunks folded in order, so results do
+not depend on the thread count. As in C++, the common kinds (p = 1, 2, inf, 0) of finite
 chunks take a fast loop over the magnitude bits (|x| with the sign cleared: one integer max
 gives max |g| and flags NaN/inf); that loop lets LLVM split the fp64 sum into vector lanes
-(``fastmath={"reassoc"}``), so its last bits can differ from the C++ sum (it stays within the
-same error bound). Other kinds and chunks with NaN/inf take the exact 16-lane loop.
+(``fastmath={"reassoc"}``) and widens every element to fp64, where the C++ loop adds fp32,
+fp16 and bf16 terms in short fp32 runs first: the two agree to the C++ loop's error bound
+(4.8e-7), not bit for bit. Other kinds and chunks with NaN/inf take the exact 16-lane loop.
 Tensors arrive as raw addresses, as in C++; fp16/bf16 are read through their bit patterns.
 """
 

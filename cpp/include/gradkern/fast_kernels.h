@@ -2,9 +2,8 @@
 //
 // cpp/cpu/isa/fast_kernels.cpp is compiled twice: for the compiler's baseline and with AVX2
 // (the way ATen builds its CPU_CAPABILITY kernels). fast_kernels() returns the table for the CPU
-// the process runs on. Both builds do the same arithmetic in the same order (fixed lanes, no FMA
-// contraction; the AVX2 build fuses a square and its add only where the square is exact, so
-// nothing rounds differently), so they give bitwise identical results.
+// the process runs on. Both builds do the same arithmetic in the same order (fixed lanes, fixed
+// runs, no FMA contraction), so they give bitwise identical results.
 #pragma once
 
 #include <cstdint>
@@ -18,13 +17,15 @@ namespace gradkern {
 // the lanes are folded in lane order. The Numba twin uses the same lanes.
 constexpr int kLanes = 16;
 
-// Result of the fast stats loop over one chunk. When finite is false the chunk holds NaN or
-// +-inf and the other fields are meaningless: the caller re-reduces it on the exact path.
+// Result of the fast stats loop over one chunk. When usable is false the other fields are
+// meaningless and the caller re-reduces the chunk on the exact path: the chunk holds NaN or
+// +-inf, or (fp32, fp16, bf16 power sums) its max |g| lies outside the range where the loop's
+// fp32 runs keep their error bound (see cpp/cpu/isa/fast_kernels.cpp).
 struct FastStats {
   double power_sum;
   double max_abs;
   std::int64_t zeros;
-  bool finite;
+  bool usable;
 };
 
 // Kinds with a fast loop: none (inf-norm and 0-norm need only max|g| and zeros), l1 and l2.
