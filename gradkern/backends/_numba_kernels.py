@@ -150,7 +150,9 @@ def _reduce(x, table, kind, p, max_finite):
 
 # ---- the fast loop: finite chunks, kinds none / l1 / l2 ------------------------------------
 # Each returns (power sum, max magnitude bits, zero count); the caller checks the bits against
-# the format's infinity pattern and decodes max |g| from them.
+# the format's infinity pattern and decodes max |g| from them. The zero count stays uint32 at
+# every step: left to Numba's integer typing it widens to int64, and the vectorized loop then
+# counts in 4-wide int64 lanes (64 Ki fp32 in L2: 1.8 G elements/s per thread against 2.4).
 
 _REASSOC = {"reassoc"}  # only reassociation: no FMA contraction, no NaN/inf assumptions
 
@@ -158,35 +160,35 @@ _REASSOC = {"reassoc"}  # only reassociation: no FMA contraction, no NaN/inf ass
 @njit(cache=True, fastmath=_REASSOC)
 def _fast_f32(u, kind):
     top = np.uint32(0)
-    zeros = 0
+    zeros = np.uint32(0)  # a chunk holds at most 2^16 elements
     s = 0.0
     for i in range(u.shape[0]):
         m = np.uint32(u[i] & np.uint32(0x7FFFFFFF))  # numba widens small ints; narrow back
         top = max(top, m)
-        zeros += m == 0
+        zeros = np.uint32(zeros + np.uint32(m == 0))
         v = np.float64(_bits_f32(m))
         if kind == KIND_L2:
             s += v * v
         elif kind == KIND_L1:
             s += v
-    return s, np.float64(_bits_f32(top)), top >= np.uint32(0x7F800000), zeros
+    return s, np.float64(_bits_f32(top)), top >= np.uint32(0x7F800000), np.int64(zeros)
 
 
 @njit(cache=True, fastmath=_REASSOC)
 def _fast_f64(u, kind):
     top = np.uint64(0)
-    zeros = 0
+    zeros = np.uint32(0)  # a chunk holds at most 2^16 elements
     s = 0.0
     for i in range(u.shape[0]):
         m = np.uint64(u[i] & np.uint64(0x7FFFFFFFFFFFFFFF))
         top = max(top, m)
-        zeros += m == 0
+        zeros = np.uint32(zeros + np.uint32(m == 0))
         v = _bits_f64(m)
         if kind == KIND_L2:
             s += v * v
         elif kind == KIND_L1:
             s += v
-    return s, _bits_f64(top), top >= np.uint64(0x7FF0000000000000), zeros
+    return s, _bits_f64(top), top >= np.uint64(0x7FF0000000000000), np.int64(zeros)
 
 
 @njit(cache=True, fastmath=_REASSOC)
@@ -194,14 +196,14 @@ def _fast_half(u, kind, is_bf16):
     """fp16 magnitudes become floats exactly as exponent+mantissa placed in a float times
     2^112 (subnormals included); bf16 magnitudes are the top half of a float."""
     top = np.uint32(0)
-    zeros = 0
+    zeros = np.uint32(0)  # a chunk holds at most 2^16 elements
     s = 0.0
     shift = np.uint32(16) if is_bf16 else np.uint32(13)
     scale = np.float32(1.0) if is_bf16 else np.float32(2.0**112)
     for i in range(u.shape[0]):
         m = np.uint32(u[i] & np.uint16(0x7FFF))
         top = max(top, m)
-        zeros += m == 0
+        zeros = np.uint32(zeros + np.uint32(m == 0))
         v = np.float64(_bits_f32(np.uint32(m << shift)) * scale)
         if kind == KIND_L2:
             s += v * v
@@ -209,7 +211,7 @@ def _fast_half(u, kind, is_bf16):
             s += v
     inf_bits = np.uint32(0x7F80) if is_bf16 else np.uint32(0x7C00)
     top_value = np.float64(_bits_f32(np.uint32(top << shift)) * scale)
-    return s, top_value, top >= inf_bits, zeros
+    return s, top_value, top >= inf_bits, np.int64(zeros)
 
 
 @njit(cache=True)
