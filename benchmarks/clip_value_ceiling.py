@@ -28,11 +28,8 @@ import statistics
 import torch
 
 from gradkern import clip
-from gradkern.bench import _device_name, best_times
+from gradkern.bench import CLAMP_AT, NOTHING_CLAMPED, _device_name, best_times
 from gradkern.scenarios import make_grads, scenarios
-
-CLAMP_AT = 2.6  # |N(0,1)| > 2.6 for ~0.93% of values, as in gradkern bench
-NOTHING_CLAMPED = 1e30  # finite: inf returns before reading
 
 
 def measure(rounds: int, device: str) -> list[dict]:

@@ -83,23 +83,15 @@ inline void store_u16_bits(std::uint16_t* x, const i32x8 b[2]) {
   __builtin_memcpy(x + 8, &hi, sizeof hi);
 }
 
-template <class Derived, class Storage>
+template <class Storage>
 struct Narrow {  // fp32, fp16, bf16: magnitudes in int32 lanes, values computed in fp32
   using storage = Storage;
   using mag_t = std::int32_t;
   using MagVec = i32x8;
   static constexpr int kVecs = 2;
-  // Values of a block as 16 fp64 lanes: lanes 0-3, 4-7, 8-11, 12-15.
-  static void values_f64(const MagVec m[2], f64x4 out[4]) {
-    const f32x8 a = Derived::values(m[0]), b = Derived::values(m[1]);
-    out[0] = low_half_f64(a);
-    out[1] = high_half_f64(a);
-    out[2] = low_half_f64(b);
-    out[3] = high_half_f64(b);
-  }
 };
 
-struct F32Fmt : Narrow<F32Fmt, float> {
+struct F32Fmt : Narrow<float> {
   using bits_t = std::uint32_t;
   static constexpr mag_t kInfBits = 0x7f800000;
   static void load_bits(const storage* x, MagVec b[2]) {
@@ -114,7 +106,7 @@ struct F32Fmt : Narrow<F32Fmt, float> {
   static double value(mag_t m) { return bit_cast<float>(m); }
 };
 
-struct BF16Fmt : Narrow<BF16Fmt, std::uint16_t> {
+struct BF16Fmt : Narrow<std::uint16_t> {
   using bits_t = std::uint16_t;
   static constexpr mag_t kInfBits = 0x7f80;
   static void load_bits(const storage* x, MagVec b[2]) { load_u16_bits(x, b); }
@@ -123,7 +115,7 @@ struct BF16Fmt : Narrow<BF16Fmt, std::uint16_t> {
   static double value(mag_t m) { return bit_cast<float>(m << 16); }
 };
 
-struct F16Fmt : Narrow<F16Fmt, std::uint16_t> {
+struct F16Fmt : Narrow<std::uint16_t> {
   using bits_t = std::uint16_t;
   static constexpr mag_t kInfBits = 0x7c00;
   static void load_bits(const storage* x, MagVec b[2]) { load_u16_bits(x, b); }
