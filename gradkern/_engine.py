@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ._norm_spec import NormKind, NormSpec
-from ._table import (WorkSet, make_work_set, read_dense_table, result_dtype,
-                     result_dtype_of_mask)
+from ._table import (WorkSet, check_tensors, make_work_set, read_dense_table,
+                     repeated_entries, result_dtype, result_dtype_of_mask)
 from .backends import Backend, RawStats, backend_for
 from .backends._device_table import to_device_async
 
@@ -53,6 +53,7 @@ def gather(tensors: list[torch.Tensor], names: Sequence[str] | None = None, *,
     dense = read_dense_table(tensors, first) if try_dense else None
     if dense is not None:  # the common case, read in one C loop
         return _whole(tensors, names, backend_for(first), dense)
+    check_tensors(tensors, names)
     if first.type == "cpu" and all(map(_is_cpu, tensors)):
         groups = [Group(backend_for(first), make_work_set(tensors, names), None)]
     else:
@@ -210,21 +211,40 @@ def check_writable(g: Gathered) -> None:
 
 def clip_in_place(g: Gathered, coef: torch.Tensor | None, clip_value: float) -> None:
     """Scale (where ``coef`` < 1, per tensor or one for all) then clamp, in one pass per tensor.
-    Raises (see :func:`check_writable`) before writing anything, whether or not a value would
-    change: a training loop fails at its first clip, not at the first that scales."""
+    Raises (see :func:`check_writable`, :func:`repeated_entries`) before writing anything,
+    whether or not a value would change: a training loop fails at its first clip, not at the
+    first that scales.
+
+    A tensor listed more than once is written once, as torch's sequence of in-place ops would
+    leave it: one coefficient for all (global clipping) is applied once per appearance, a
+    per-tensor coefficient once (a tensor clipped to a norm is within it), and clamping is the
+    same however often it runs.
+    """
     check_writable(g)
     if clip_value == float("inf") and (coef is None or (
             coef.device.type == "cpu" and bool((coef >= 1.0).all()))):
         # Nothing to do, and on the CPU that is known for free (on a GPU the kernel reads the
         # coefficient itself rather than make the host wait for it). A NaN coefficient scales.
         return
-    for group in g.groups:
-        group_coef = coef
+    plans = []
+    for group in g.groups:  # every check before the first write
+        work, group_coef = group.work, coef
         if coef is not None:
             if group.index is not None and coef.numel() > 1:
                 group_coef = coef[group.index]
-            group_coef = group_coef.to(group.work.work[0].device, torch.float64)
-        group.backend.clip_in_place(group.work, group_coef, clip_value)
+            group_coef = group_coef.to(work.work[0].device if work.work else coef.device,
+                                       torch.float64)
+        repeated = repeated_entries(work)
+        if repeated is not None:
+            keep, repeats = repeated
+            work = work.subset(keep)
+            if group_coef is not None and group_coef.numel() == 1:
+                group_coef = group_coef.pow(torch.from_numpy(repeats).to(group_coef))
+            elif group_coef is not None:
+                group_coef = group_coef[torch.from_numpy(keep).to(group_coef.device)]
+        plans.append((group, work, group_coef))
+    for group, work, group_coef in plans:
+        group.backend.clip_in_place(work, group_coef, clip_value)
         group.work.copy_back()
 
 

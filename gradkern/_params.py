@@ -40,9 +40,22 @@ def split_names(
                           stacklevel=3)
         return [], None
     if isinstance(items[0], tuple):
+        if not all(type(item) is tuple and len(item) == 2 for item in items):
+            _raise_mixed(items, named=True)
         names = [str(name) for name, _ in items]
         return [t for _, t in items], names
     return items, None
+
+
+def _raise_mixed(items: list, named: bool) -> None:
+    """TypeError for a list that mixes ``(name, tensor)`` pairs with plain tensors: reading it
+    either way would silently drop or misread part of it."""
+    for i, item in enumerate(items):
+        if (type(item) is tuple and len(item) == 2) != named:
+            what = "a (name, tensor) pair" if not named else f"a {type(item).__name__}"
+            first = "(name, tensor) pairs" if named else "tensors"
+            raise TypeError(f"`parameters` mixes {first} with {what} (item {i}); pass "
+                            "named_parameters() pairs or tensors, not both")
 
 
 def grads_of(
@@ -50,7 +63,12 @@ def grads_of(
 ) -> tuple[list[torch.Tensor], list[str] | None]:
     """The ``.grad`` of every parameter that has one, with their names when known."""
     params, names = split_names(parameters, warn_empty_generator)
-    grads, kept = present_grads(params)
+    try:
+        grads, kept = present_grads(params)
+    except AttributeError:  # something without a .grad: say what, if it is a pair
+        if names is None and any(type(item) is tuple for item in params):
+            _raise_mixed(params, named=False)
+        raise
     if kept is not None and names is not None:
         names = [names[i] for i in kept]
     return grads, names

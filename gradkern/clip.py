@@ -18,14 +18,39 @@ __all__ = ["get_total_norm", "clip_grads_with_norm_", "clip_grad_norm_", "clip_g
 _EPS = 1e-6  # torch's guard in max_norm / (total_norm + eps)
 
 
-def _nonfinite_error(g: _engine.Gathered, raw, spec: NormSpec) -> RuntimeError:
-    names = _engine.nonfinite_names(g, raw.nonfinite)
-    where = f" Non-finite gradients: {', '.join(names)}." if names else ""
-    return RuntimeError(
+def _check_finite(total: torch.Tensor, g, raw, spec: NormSpec, across_ranks: bool) -> None:
+    """``error_if_nonfinite``: RuntimeError unless the norm as torch returns it (in the
+    gradients' dtype, where a large finite norm can overflow) is finite. The message names the
+    non-finite gradients where this rank knows them. Syncs with the device, as torch does."""
+    dtype = _result_dtype(g)
+    if bool(torch.isfinite(total.to(dtype))):
+        return
+    names = (_engine.nonfinite_names(g, raw.nonfinite)
+             if isinstance(g, _engine.Gathered) and raw is not None else [])
+    if names:
+        where = f" Non-finite gradients: {', '.join(names)}."
+    elif bool(torch.isfinite(total)):
+        where = (f" The gradients are finite, but their norm ({float(total):.6g}) overflows "
+                 f"{dtype}.")
+    elif across_ranks and raw is not None or g is None:
+        where = " The non-finite gradients are on another rank."
+    else:
+        where = ""
+    raise RuntimeError(
         f"The total norm of order {spec.p} for gradients from `parameters` is non-finite, so it "
         f"cannot be clipped.{where} To disable this error and scale the gradients by the "
-        f"non-finite norm anyway, set `error_if_nonfinite=False`"
-    )
+        f"non-finite norm anyway, set `error_if_nonfinite=False`")
+
+
+def _check_defined(g, spec: NormSpec) -> None:
+    """A negative order has no value over zero elements (torch raises for an empty tensor):
+    the minimum, or a sum of |g|^p, over nothing."""
+    if spec.p >= 0:
+        return
+    sets = g if isinstance(g, list) else ([] if g is None else [g])
+    if not any(int(group.work.numel.sum()) for one in sets for group in one.groups):
+        raise RuntimeError(f"the norm of order {spec.p} of zero elements is undefined (it has "
+                           "no identity value); torch raises for it too")
 
 
 def _norms(
@@ -46,9 +71,10 @@ def _norms(
                               write)
     if group is None:
         g, raw, numel = fused or _engine.gather_stats(tensors, names, spec, fused_failed=True)
+        _check_defined(g, spec)
         total = _engine.total_norm(raw, numel, spec)
-        if error_if_nonfinite and not bool(torch.isfinite(total)):
-            raise _nonfinite_error(g, raw, spec)
+        if error_if_nonfinite:
+            _check_finite(total, g, raw, spec, across_ranks=False)
         return g, _engine.per_tensor_norms(raw, numel, spec) if per_tensor else None, total
 
     g, raw, numel, error = distributed.local_stats(tensors, names, spec)
@@ -62,13 +88,8 @@ def _norms(
         totals = distributed.reduce_totals(raw, numel, spec, group, device, error,
                                            error_if_nonfinite)
         norms, total = None, totals.norm(spec)
-    if error_if_nonfinite and not bool(torch.isfinite(total)):
-        if g is not None and bool(raw.nonfinite.sum() > 0):
-            raise _nonfinite_error(g, raw, spec)
-        raise RuntimeError(f"The total norm of order {spec.p} for gradients from `parameters` is "
-                           "non-finite (the non-finite gradients are on another rank), so it "
-                           "cannot be clipped. To disable this error, set "
-                           "`error_if_nonfinite=False`")
+    if error_if_nonfinite:
+        _check_finite(total, g, raw, spec, across_ranks=True)
     return g, norms, total
 
 
@@ -106,10 +127,8 @@ def _dtensor_norms(tensors, names, spec: NormSpec, error_if_nonfinite: bool, gro
         if g is not None:
             gathered.append(g)
     total = distributed.combine_totals(parts).norm(spec)
-    if error_if_nonfinite and not bool(torch.isfinite(total)):
-        raise RuntimeError(f"The total norm of order {spec.p} for gradients from `parameters` is "
-                           "non-finite, so it cannot be clipped. To disable this error, set "
-                           "`error_if_nonfinite=False`")
+    if error_if_nonfinite:
+        _check_finite(total, gathered, None, spec, across_ranks=True)
     return gathered, (set_norms if per_tensor else None), total
 
 
@@ -165,7 +184,16 @@ def get_total_norm(
     if not items and group is None:
         return torch.tensor(0.0)
     g, _, total = _norms(items, names, spec, error_if_nonfinite, group)
-    return total.to(_result_dtype(g))
+    return _returned(total, g, items)
+
+
+def _returned(total: torch.Tensor, g, tensors: list) -> torch.Tensor:
+    """The norm as torch returns it: in the gradients' promoted dtype, and for DTensor
+    gradients (FSDP2, tensor parallel) a DTensor, replicated, whose ``full_tensor()`` is it."""
+    value = total.to(_result_dtype(g))
+    if isinstance(g, list):  # the DTensor path of _norms
+        return distributed.replicated_like(value, tensors)
+    return value
 
 
 def _result_dtype(g) -> torch.dtype:
@@ -199,8 +227,10 @@ def clip_grads_with_norm_(
         foreach: accepted for compatibility and ignored.
 
     Raises:
-        ValueError: ``max_norm`` is negative or NaN. TypeError: a gradient has an unsupported
-            dtype or layout. Nothing is modified in either case.
+        ValueError: ``max_norm`` is negative or NaN; ``total_norm`` is not one number, or is
+            negative (checked for numbers and CPU tensors; a GPU tensor is not read, so as not
+            to stall the host). TypeError: a gradient has an unsupported dtype or layout.
+            Nothing is modified in any case.
 
     Example:
         >>> import torch, gradkern as gk
@@ -210,15 +240,35 @@ def clip_grads_with_norm_(
         tensor([0.6000, 0.8000])
     """
     max_norm = check_bound(max_norm, "max_norm")
+    if distributed.is_dtensor(total_norm):  # torch's get_total_norm over DTensor gradients
+        total_norm = total_norm.full_tensor()
+    _check_total_norm(total_norm)
     grads, names = grads_of(parameters)
     if not grads:
         return
-    if distributed.is_dtensor(total_norm):  # torch's get_total_norm over DTensor gradients
-        total_norm = total_norm.full_tensor()
     # scaling is linear, so each DTensor's local tensor is scaled where it lives, Partial too
     g = _engine.gather(distributed.local_shards(grads), names)
     total = torch.as_tensor(total_norm, device=g.device)
     _engine.clip_in_place(g, _clip_coef(max_norm, total).reshape(1), float("inf"))
+
+
+def _check_total_norm(total_norm) -> None:
+    """A norm is one number, and not negative (torch would flip the gradients' signs). The
+    sign is checked where reading it costs nothing: a Python number or a CPU tensor (a GPU
+    tensor would stall the host)."""
+    if isinstance(total_norm, torch.Tensor):
+        if total_norm.numel() != 1:
+            raise ValueError(f"total_norm must hold one number, got a tensor of shape "
+                             f"{tuple(total_norm.shape)}")
+        if total_norm.device.type != "cpu":
+            return
+    try:
+        value = float(total_norm)
+    except (TypeError, ValueError):
+        raise ValueError(f"total_norm must be a number or a one-element tensor, got "
+                         f"{total_norm!r}") from None
+    if value < 0:
+        raise ValueError(f"total_norm must be >= 0 (a norm), got {value}")
 
 
 @torch.no_grad()
@@ -270,7 +320,7 @@ def clip_grad_norm_(
         return torch.tensor(0.0)
     g, _, total = _norms(grads, names, spec, error_if_nonfinite, group, write="scale")
     _clip_each(g, _clip_coef(max_norm, total).reshape(1), float("inf"))
-    return total.to(_result_dtype(g))
+    return _returned(total, g, grads)
 
 
 @torch.no_grad()
@@ -375,4 +425,4 @@ def clip_(
         coef = _clip_coef(max_norm, norms if per_tensor else total.reshape(1))
     if coef is not None or value is not None:
         _clip_each(g, coef, value_bound)
-    return total.to(_result_dtype(g))
+    return _returned(total, g, grads)

@@ -40,6 +40,9 @@ class _Grads:
     numel: torch.Tensor | None
     group: object = None
     error: BaseException | None = None
+    # 1 / GradScaler's scale when the gradients are still scaled (a fused step unscales them
+    # in its own kernel); ``raw`` is then already unscaled, a new read pass is not
+    inv_scale: torch.Tensor | None = None
     _total: torch.Tensor | None = None
 
     @classmethod
@@ -86,22 +89,33 @@ class _Grads:
         """(per-tensor norms or None, total norm) for another norm type or per-tensor clipping;
         one more read pass for a norm other than L2, and the group's collectives."""
         raw, numel = self.raw, self.numel
-        if spec.kind != NormKind.L2 and self.gathered is not None:
+        reread = spec.kind != NormKind.L2 and self.gathered is not None
+        if reread:
             raw, numel = _engine.tensor_stats(self.gathered, spec)
         if self.group is None:
             norms = _engine.per_tensor_norms(raw, numel, spec) if per_tensor else None
-            return norms, _engine.total_norm(raw, numel, spec)
-        if per_tensor:
+            total = _engine.total_norm(raw, numel, spec)
+        elif per_tensor:
             raw, numel = distributed.reduce_per_tensor(raw, numel, len(self.params), spec,
                                                        self.group, self.device, self.error)
-            return (_engine.per_tensor_norms(raw, numel, spec),
-                    _engine.total_norm(raw, numel, spec))
-        totals = distributed.reduce_totals(raw, numel, spec, self.group, self.device, self.error)
-        return None, totals.norm(spec)
+            norms, total = (_engine.per_tensor_norms(raw, numel, spec),
+                            _engine.total_norm(raw, numel, spec))
+        else:
+            totals = distributed.reduce_totals(raw, numel, spec, self.group, self.device,
+                                               self.error)
+            norms, total = None, totals.norm(spec)
+        if reread and self.inv_scale is not None and spec.p != 0.0:
+            # every p-norm but the count of non-zeros scales with the gradients
+            norms = None if norms is None else norms * self.inv_scale
+            total = total * self.inv_scale
+        return norms, total
 
 
 class Clipper:
-    """Base class: subclasses implement :meth:`_clip` on already-gathered gradients."""
+    """Base class. A subclass implements :meth:`_global_coefficient` when its whole action is
+    one coefficient for every gradient (so that a fused optimizer step can apply it in its own
+    kernel, see :class:`gradkern.Monitor`), and otherwise :meth:`_clip`, on gradients already
+    gathered with their L2 statistics."""
 
     group = None  # a torch.distributed process group, set by the constructors' group=
 
@@ -120,13 +134,42 @@ class Clipper:
             return torch.tensor(0.0)
         return self._clip(grads).to(_norm_dtype(grads))
 
-    def _clip(self, grads: _Grads) -> torch.Tensor:  # returns the pre-clip total norm (float64)
-        raise NotImplementedError
+    def _clip(self, grads: _Grads) -> torch.Tensor:
+        """Clip in place; return the pre-clip total L2 norm (float64, 0-dim)."""
+        found = self._global_coefficient(grads)
+        if found is None:
+            raise NotImplementedError(f"{type(self).__name__} implements neither _clip nor "
+                                      "_global_coefficient")
+        total, coef = found
+        if grads.gathered is not None:
+            _engine.clip_in_place(grads.gathered, coef.reshape(1), float("inf"))
+        return total
+
+    def _global_coefficient(self, grads: _Grads) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(pre-clip total L2 norm, coefficient <= 1)`` for a clipper that scales every
+        gradient by one coefficient, computed without writing anything (and updating the
+        clipper's state as a clip would); None for one that does more."""
+        return None
+
+    _STATE_KEYS: frozenset[str] = frozenset()
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: ``state`` is not a state of this kind of clipper; nothing changes.
+        """
+        missing = self._STATE_KEYS - set(state)
+        if missing:
+            raise ValueError(
+                f"not a {type(self).__name__} state: it lacks {sorted(missing)} (it has "
+                f"{sorted(state)}); load a state that a {type(self).__name__} saved")
+        self._load(state)
+
+    def _load(self, state: dict) -> None:
         pass
 
     def __repr__(self) -> str:
@@ -140,12 +183,9 @@ def _norm_dtype(grads: _Grads) -> torch.dtype:
     return torch.float32
 
 
-def _scale_to(grads: _Grads, total: torch.Tensor, max_norm: torch.Tensor | float) -> None:
-    """Scale all gradients by min(max_norm / (total + eps), 1); nothing is written when >= 1."""
-    if grads.gathered is None:
-        return
-    coef = (max_norm / (total + _EPS)).clamp(max=1.0).reshape(1)
-    _engine.clip_in_place(grads.gathered, coef, float("inf"))
+def _coefficient(total: torch.Tensor, max_norm: torch.Tensor | float) -> torch.Tensor:
+    """min(max_norm / (total + eps), 1): torch's clip coefficient."""
+    return (max_norm / (total + _EPS)).clamp(max=1.0)
 
 
 class ClipByNorm(Clipper):
@@ -169,18 +209,22 @@ class ClipByNorm(Clipper):
         self.group = group
         self._spec: NormSpec = parse_norm_type(norm_type)
 
-    def _clip(self, grads: _Grads) -> torch.Tensor:
-        total_l2 = grads.total_norm()
-        if self._spec.kind == NormKind.L2 and not self.per_tensor:
-            _scale_to(grads, total_l2, self.max_norm)
-            return total_l2
-        norms, total = grads.stats_for(self._spec, self.per_tensor)
+    def _global_coefficient(self, grads: _Grads) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.per_tensor:
-            if grads.gathered is not None:
-                coef = (self.max_norm / (norms + _EPS)).clamp(max=1.0)
-                _engine.clip_in_place(grads.gathered, coef, float("inf"))
-        else:
-            _scale_to(grads, total, self.max_norm)
+            return None
+        total_l2 = grads.total_norm()
+        total = total_l2 if self._spec.kind == NormKind.L2 else \
+            grads.stats_for(self._spec, False)[1]
+        return total_l2, _coefficient(total, self.max_norm)
+
+    def _clip(self, grads: _Grads) -> torch.Tensor:
+        if not self.per_tensor:
+            return super()._clip(grads)
+        total_l2 = grads.total_norm()
+        norms, _ = grads.stats_for(self._spec, True)
+        if grads.gathered is not None:
+            _engine.clip_in_place(grads.gathered, _coefficient(norms, self.max_norm),
+                                  float("inf"))
         return total_l2
 
 
@@ -238,7 +282,9 @@ class AutoClip(Clipper):
         self._norms: torch.Tensor | None = None
         self._count = 0  # a host counter: the same on every rank and never read from the device
 
-    def _clip(self, grads: _Grads) -> torch.Tensor:
+    _STATE_KEYS = frozenset({"norms", "count"})
+
+    def _global_coefficient(self, grads: _Grads) -> tuple[torch.Tensor, torch.Tensor]:
         total = grads.total_norm()
         if self._norms is None or self._norms.device != total.device:
             self._norms = torch.zeros(self.history, dtype=torch.float64, device=total.device)
@@ -248,13 +294,12 @@ class AutoClip(Clipper):
         # A non-finite norm in the history would poison the quantile; keep finite ones out of it.
         finite = torch.where(seen.isfinite(), seen, torch.zeros_like(seen))
         threshold = torch.quantile(finite, self.percentile / 100.0)
-        _scale_to(grads, total, threshold)
-        return total
+        return total, _coefficient(total, threshold)
 
     def state_dict(self) -> dict:
         return {"norms": None if self._norms is None else self._norms.clone(), "count": self._count}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _load(self, state: dict) -> None:
         self._norms = None if state["norms"] is None else state["norms"].clone()
         self._count = int(state["count"])
 
@@ -295,7 +340,9 @@ class ZClip(Clipper):
         self._var: torch.Tensor | None = None
         self._count = 0
 
-    def _clip(self, grads: _Grads) -> torch.Tensor:
+    _STATE_KEYS = frozenset({"warm", "mean", "var", "count"})
+
+    def _global_coefficient(self, grads: _Grads) -> tuple[torch.Tensor, torch.Tensor]:
         total = grads.total_norm()
         finite = total.isfinite()
         if self._count < self.warmup:
@@ -306,25 +353,25 @@ class ZClip(Clipper):
             if self._count == self.warmup:
                 w = self._warm[self._warm.isfinite()]
                 self._mean, self._var = w.mean(), w.var(unbiased=False)
-            return total
+            return total, torch.ones_like(total)
         mean, std = self._mean, (self._var + self.eps).sqrt()
         z = (total - mean) / std
         limit = torch.where(z > self.z_thresh, mean + (self.z_thresh / z) * std, total)
-        _scale_to(grads, total, torch.where(finite, limit, total))
+        coef = _coefficient(total, torch.where(finite, limit, total))
         clipped = torch.where(finite, torch.minimum(total, limit), mean)
         new_mean = self.alpha * mean + (1 - self.alpha) * clipped
         new_var = self.alpha * self._var + (1 - self.alpha) * (clipped - new_mean) ** 2
         self._mean = torch.where(finite, new_mean, mean)
         self._var = torch.where(finite, new_var, self._var)
         self._count += 1
-        return total
+        return total, coef
 
     def state_dict(self) -> dict:
         clone = lambda t: None if t is None else t.clone()  # noqa: E731
         return {"warm": clone(self._warm), "mean": clone(self._mean), "var": clone(self._var),
                 "count": self._count}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _load(self, state: dict) -> None:
         self._warm, self._mean, self._var = state["warm"], state["mean"], state["var"]
         self._count = int(state["count"])
 
@@ -334,15 +381,19 @@ class AGC(Clipper):
 
     For every unit (a row of a weight: all dims but the first; a whole bias or gain vector), the
     gradient norm is capped at ``clip_factor * max(||w_unit||, eps)``: a unit's step stays small
-    relative to its weights. Matches ``timm.utils.adaptive_clip_grad``. The unit norms of
-    weights and gradients come from the fused kernels over a table with one entry per unit,
-    not from a Python loop over rows.
+    relative to its weights. Matches ``timm.utils.adaptive_clip_grad``, ``norm_type`` included;
+    a parameter listed twice (tied weights) is clipped once. The unit norms of weights and
+    gradients come from the fused kernels over a table with one entry per unit, not from a
+    Python loop over rows. The returned norm is the total L2 norm before clipping, as for every
+    clipper.
 
     Args:
         clip_factor: lambda of the paper. Default: 0.01.
         eps: floor on weight norms, so zero-initialised units can still move. Default: 1e-3.
         exclude: parameters left unclipped (the paper leaves the final classifier alone):
             pass e.g. ``model.head.parameters()``.
+        norm_type: p of the unit norms (any p that :func:`gradkern.get_total_norm` takes).
+            Default: 2.0.
         group: with a process group the returned norm is the whole set's; the unit-wise rule
             itself is local, which is exact when every unit (row) lives on one rank (replicated
             or row-sharded parameters).
@@ -356,25 +407,27 @@ class AGC(Clipper):
     """
 
     def __init__(self, clip_factor: float = 0.01, eps: float = 1e-3, exclude=(), *,
-                 group=None):
+                 norm_type: float = 2.0, group=None):
         self.clip_factor = check_bound(clip_factor, "clip_factor")
         self.eps = check_bound(eps, "eps")
+        self.norm_type = norm_type
         self.group = group
+        self._spec = parse_norm_type(norm_type)
         self._exclude = {id(p) for p in exclude}
 
     def _clip(self, grads: _Grads) -> torch.Tensor:
         total = grads.total_norm()
-        keep = [i for i, p in enumerate(grads.params) if id(p) not in self._exclude]
-        if not keep:
+        seen = set(self._exclude)  # and each parameter once: clipping twice would square
+        params = [p for p in grads.params if not (id(p) in seen or seen.add(id(p)))]
+        if not params:
             return total
         if grads.gathered is not None:
             _engine.check_writable(grads.gathered)  # before the first row is scaled
-        params = [grads.params[i] for i in keep]
         # this rank's rows of each weight and gradient (exact for row-sharded DTensors)
         ws = distributed.local_parts([p.detach() for p in params])
         gs = distributed.local_shards([p.grad for p in params])  # (Partial refused in of())
-        w_norm = _unit_norms(ws)
-        g_norm = _unit_norms(gs)
+        w_norm = _unit_norms(ws, self._spec)
+        g_norm = _unit_norms(gs, self._spec)
         max_norm = w_norm.clamp(min=self.eps) * self.clip_factor
         coef = torch.where(g_norm < max_norm, torch.ones_like(g_norm),
                            max_norm / g_norm.clamp(min=1e-6))
@@ -414,13 +467,15 @@ def _compiled_backend():
     return b if b.name in ("cpp", "numba") else None
 
 
-def _unit_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """float64 L2 norm of every unit of every tensor, concatenated in order."""
+def _unit_norms(tensors: list[torch.Tensor], spec: NormSpec) -> torch.Tensor:
+    """float64 norm of every unit of every tensor, concatenated in order."""
     backend = _compiled_backend()
     table = _unit_table(tensors) if backend is not None else None
     if table is not None:
-        return backend.tensor_stats(table, _L2).power_sum.sqrt()
-    return torch.cat([t.double().reshape(_units(t), -1).norm(dim=1) for t in tensors])
+        raw = backend.tensor_stats(table, spec)
+        return _engine.per_tensor_norms(raw, torch.from_numpy(table.numel), spec)
+    return torch.cat([torch.linalg.vector_norm(t.double().reshape(_units(t), -1), spec.p, dim=1)
+                      for t in tensors])
 
 
 def _scale_units_(tensors: list[torch.Tensor], coef: torch.Tensor) -> None:

@@ -240,6 +240,16 @@ def local_parts(tensors: list) -> list:
         if any_dtensor(tensors) else tensors
 
 
+def replicated_like(value: torch.Tensor, tensors: list):
+    """``value`` (the same on every rank) as a DTensor replicated over the mesh of the first
+    DTensor in ``tensors``: what torch's norm functions return for DTensor gradients, so that
+    code written for them (``total.full_tensor()``) runs unchanged."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = next(t for t in tensors if is_dtensor(t)).device_mesh
+    return DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
 def is_partial(t) -> bool:
     """Whether ``t`` is a DTensor with a Partial placement (one term of a sum on each rank)."""
     return is_dtensor(t) and any(p.is_partial() for p in t.placements)
@@ -279,7 +289,7 @@ def require_group_for_shards(tensors: list, what: str) -> None:
     if not any_dtensor(tensors):
         return
     for i, t in enumerate(tensors):
-        if is_dtensor(t) and any(p.is_shard() and t.device_mesh.size(dim) > 1
+        if is_dtensor(t) and any(_splits(p) and t.device_mesh.size(dim) > 1
                                  for dim, p in enumerate(t.placements)):
             raise ValueError(
                 f"tensor #{i} is a DTensor sharded across ranks: give {what} the process group "
@@ -291,7 +301,14 @@ def sharding_groups(t) -> list:
     """The process groups to reduce a DTensor's statistics over: one per mesh dimension that
     shards it. Replicated dimensions hold copies and are counted once, by not reducing."""
     mesh = t.device_mesh
-    return [mesh.get_group(dim) for dim, p in enumerate(t.placements) if p.is_shard()]
+    return [mesh.get_group(dim) for dim, p in enumerate(t.placements) if _splits(p)]
+
+
+def _splits(placement) -> bool:
+    """Whether the ranks along a mesh dimension hold different parts of the tensor: Shard, and
+    the strided shards FSDP2 makes over tensor parallelism (``_StridedShard``, for which
+    ``is_shard()`` is False). Replicate holds copies; Partial is reduced before reading."""
+    return not (placement.is_replicate() or placement.is_partial())
 
 
 def dtensor_key(t) -> tuple:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -9,6 +10,38 @@ import numpy as np
 import torch
 
 GROUP_BY = ("module", "parameter")
+_COMPILED = "_orig_mod"  # the attribute under which torch.compile's wrapper holds the module
+
+_registrations = 0
+_watching = False
+
+
+def _count_registration(*_) -> None:  # must return None: a value would replace the new member
+    global _registrations
+    _registrations += 1
+
+
+def watch_registrations() -> None:
+    """Count every module and parameter registered from now on, in any module (torch's global
+    registration hooks; installed once, the first time a caller needs it)."""
+    global _watching
+    if not _watching:
+        torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+        torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+        _watching = True
+
+
+def registrations() -> int:
+    """How many modules and parameters were registered since :func:`watch_registrations`: a
+    model that gains one (a new layer, a replaced weight) changes it."""
+    return _registrations
+
+
+def _plain_name(name: str) -> str:
+    """A module's name without the segments torch.compile's wrapper adds."""
+    if _COMPILED not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != _COMPILED)
 
 
 @dataclass(frozen=True)
@@ -29,12 +62,17 @@ class LayerMap:
     is_embedding: list[bool]
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, group_by: str = "module") -> LayerMap:
-        """Group the trainable parameters of ``model``.
+    def from_model(cls, model: torch.nn.Module, group_by: str = "module",
+                   extra: Iterable[tuple[str, torch.Tensor]] = ()) -> LayerMap:
+        """Group the parameters of ``model``, frozen ones included (they have no gradient until
+        they are unfrozen, and a layer without a gradient is left out of that step's record).
 
         ``group_by="module"`` puts the parameters a module owns directly into one layer named
         after the module (``encoder.layers.3.mlp.fc1``); ``"parameter"`` makes every parameter
-        its own layer (``encoder.layers.3.mlp.fc1.weight``).
+        its own layer (``encoder.layers.3.mlp.fc1.weight``). Names are those of the module a
+        ``torch.compile`` wrapper holds (no ``_orig_mod.``). ``extra``: ``(name, parameter)``
+        pairs not in the model (an optimizer's own parameters), each its own layer, after the
+        model's.
 
         Example:
             >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
@@ -47,24 +85,32 @@ class LayerMap:
         index: dict[str, int] = {}
         param_names, params, layer_of, param_numel, excluded = [], [], [], [], []
         seen: set[int] = set()
+        def add(layer: str, full: str, p: torch.Tensor, embedding: bool) -> None:
+            if layer not in index:
+                index[layer] = len(names)
+                names.append(layer)
+                excluded.append(embedding)
+            param_names.append(full)
+            params.append(p)
+            layer_of.append(index[layer])
+            param_numel.append(p.numel())
+
         for module_name, module in model.named_modules():
+            module_name = _plain_name(module_name)
             embedding = isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag))
             for pname, p in module.named_parameters(recurse=False):
-                if not p.requires_grad or id(p) in seen:  # shared parameters count once
+                if id(p) in seen:  # shared parameters count once
                     continue
                 seen.add(id(p))
                 full = f"{module_name}.{pname}" if module_name else pname
-                layer = (module_name or "(root)") if group_by == "module" else full
-                if layer not in index:
-                    index[layer] = len(names)
-                    names.append(layer)
-                    excluded.append(embedding)
-                param_names.append(full)
-                params.append(p)
-                layer_of.append(index[layer])
-                param_numel.append(p.numel())
+                add((module_name or "(root)") if group_by == "module" else full, full, p,
+                    embedding)
+        for name, p in extra:
+            if id(p) not in seen:
+                seen.add(id(p))
+                add(name, name, p, False)
         if not params:
-            raise ValueError("the model has no trainable parameters")
+            raise ValueError("the model has no parameters")
         layer_numel = [0] * len(names)
         for i, n in zip(layer_of, param_numel):
             layer_numel[i] += n

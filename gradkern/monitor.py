@@ -8,12 +8,15 @@ rows are reduced to layers on the device (one ``index_add_`` over all of them) a
 in one transfer (asynchronously on CUDA, processed at the next log step), then the detectors and
 sinks run. An ordinary step thus costs the host one table read, the stats pass's launches and
 one ``_foreach_copy_``: on a host-bound GPU step that is what the Monitor's overhead is made of.
-The one exception is ``skip_nonfinite=True``, which must know before the update whether to skip
-it: that costs one host read of a flag per step, as ``torch.amp.GradScaler`` does.
+The one exception is ``skip_nonfinite=True`` with an optimizer that is not fused, which must
+know before the update whether to skip it: that costs one host read of a flag per step, as
+``torch.amp.GradScaler`` does. A fused optimizer is told to skip on the device instead (see
+:mod:`gradkern._optimizer_step`).
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 
 import numpy as np
@@ -22,16 +25,24 @@ import torch.distributed as dist
 
 from . import _engine, distributed
 from ._norm_spec import parse_norm_type
+from ._optimizer_step import (FusedStep, closure_of, drop_momentum_buffers,
+                              first_fused_sgd_step, give_back, hold_grads, resolve_optimizer,
+                              takes_grad_scale, with_closure)
 from ._params import present_grads
+from .backends import RawStats
 from .clippers import Clipper, _Grads, as_clipper
 from .detectors import Detector, StepStats, default_detectors
 from .events import Event
-from .layers import LayerMap
+from .layers import LayerMap, registrations, watch_registrations
 from .sinks import Sink, as_sink
 
 __all__ = ["Monitor"]
 
 _FIELDS = 4  # grad_sq, grad_max, nonfinite, zeros
+# Why a step was skipped, as bits of a slot's code (known on the host or, for a fused step,
+# decided on the device and read back with the rows). GradScaler's reason wins when both hold:
+# it would have skipped the step anyway.
+SKIPPED_NONFINITE, SKIPPED_BY_SCALER = 1, 2
 # Histograms of log2|g| (log steps, when a sink asks for them): one bin per power of two over
 # the whole fp32 range; fp64 values beyond it land in the end bins.
 HIST_MIN, HIST_MAX = -150, 130
@@ -54,34 +65,90 @@ def _empty_like_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-class _SkipStep(Exception):
-    """Raised by the pre-step hook to stop the optimizer's update; caught by the step wrapper."""
+def skip_reason(code: int) -> str | None:
+    """The ``skip_reason`` of a step record: ``"grad_scaler"`` (GradScaler found inf/NaN),
+    ``"nonfinite"`` (``skip_nonfinite=True``), or None (the step was applied)."""
+    if code & SKIPPED_BY_SCALER:
+        return "grad_scaler"
+    return "nonfinite" if code & SKIPPED_NONFINITE else None
+
+
+def _count_argument(value, what: str, minimum: int) -> int:
+    """An integer argument (``2.5`` is refused, not rounded), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _unscale_(grads: list[torch.Tensor], inv_scale: torch.Tensor) -> None:
+    """Multiply the gradients by GradScaler's inverse scale in place (the fused kernel would
+    have), one foreach call per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same in by_dtype.values():
+        torch._foreach_mul_(same, inv_scale.to(same[0].device, torch.float32))
+
+
+class _StepInProgress:
+    """What the Monitor did to the optimizer step under way, for its post-step hook to undo or
+    complete."""
+
+    __slots__ = ("observed", "held", "fused", "momentum_check")
+
+    def __init__(self):
+        self.observed = False  # statistics taken (a closure step: once its closure has run)
+        self.held: list = []  # gradients taken away so that a plain step skips
+        self.fused: FusedStep | None = None
+        self.momentum_check: list = []  # fused SGD parameters to look at after a first step
 
 
 class Monitor:
     """Watch the gradients of ``model`` at every optimizer step; detect, clip, log.
 
+    The Monitor observes the gradients the optimizer is about to apply, whatever the step looks
+    like (it attaches through the optimizer's step hooks only, so LR schedulers see an
+    untouched optimizer):
+
+    * a plain ``optimizer.step()``, with or without gradient accumulation;
+    * ``optimizer.step(closure)`` (Lightning, LBFGS): observed after the closure ran, once per
+      step;
+    * ``torch.amp.GradScaler`` with a foreach or plain optimizer (the gradients are unscaled
+      before the step), and with a fused one (``fused=True`` Adam, AdamW, SGD, Adagrad), which
+      unscales inside its own kernel: the statistics are divided by the scale on the device,
+      ``clip`` folds its coefficient into the optimizer's ``grad_scale`` and
+      ``skip_nonfinite`` sets its ``found_inf``, all without a host sync;
+    * a wrapper that holds the optimizer as ``.optimizer`` (Accelerate, Lightning).
+
+    Parameters the model or the optimizer gains later (a new module, ``add_param_group``,
+    unfrozen weights) are watched and clipped from the next step on.
+
     Args:
-        model: the module whose trainable parameters are watched.
-        optimizer: when given, the Monitor registers step pre/post hooks on it, so a plain
-            ``loss.backward(); optimizer.step()`` is observed with the gradients the optimizer
-            really uses (after ``GradScaler.unscale_``). Without one, call :meth:`step` after
-            backward.
-        log_every: steps buffered on the device between host reads. Default 10.
+        model: the module whose parameters are watched (a ``torch.compile``'d module is named
+            after the module it compiles).
+        optimizer: when given, the Monitor observes every step of it through its step hooks.
+            Without one, call :meth:`step` after backward.
+        log_every: steps buffered on the device between host reads (an int >= 1). Default 10.
         sinks: where records and events go: ``gk.sinks.JSONL(path)``,
             ``gk.sinks.TensorBoard(...)``, or any callable taking a dict.
         detectors: ``"default"`` (every rule in :mod:`gradkern.detectors` with its defaults),
             a list of detector instances, or ``None`` for none.
         clip: ``None``, a float (global max L2 norm), or a clipper (``gk.ClipByNorm``,
             ``gk.ClipByValue``, ``gk.AGC``, ``gk.AutoClip``, ``gk.ZClip``).
-        skip_nonfinite: when the gradients hold NaN/inf, do not apply the step (weights and
-            optimizer state stay as they were), zero the gradients and record an event; needs an
-            optimizer. Costs one host sync per step.
+        skip_nonfinite: when the gradients hold NaN/inf, do not apply the step: weights and
+            optimizer state stay as they were, the gradients are left as they are, and the step
+            is recorded as skipped. Needs an optimizer. A fused optimizer skips on the device;
+            any other costs one host read of a flag per step, as GradScaler does.
+        scaler: the ``torch.amp.GradScaler`` of the loop, so that steps it skips (inf/NaN in
+            the gradients: it then never calls a non-fused optimizer's ``step``) are recorded
+            as skipped too and counted; without it they are not seen. Needs an optimizer.
         group_by: ``"module"`` (layers are modules: ``encoder.layers.3.mlp.fc1``) or
             ``"parameter"``.
         track_updates: on log steps, also measure each layer's weight norm and
             update/weight ratio (needs an optimizer; keeps a copy of the weights for that one
             step). Default True.
+        keep_history: how many step records :attr:`history` keeps (an int >= 0). Default
+            10,000.
         group: a ``torch.distributed`` process group whose ranks each hold a shard of the
             same model (FSDP-style; every rank builds the Monitor on the same module
             structure). The buffered statistics are reduced across the group at each log step
@@ -94,9 +161,15 @@ class Monitor:
 
     Attributes:
         events: every :class:`gradkern.Event` so far.
-        skipped_steps: steps not applied because of non-finite gradients.
+        skipped_steps: steps not applied (``skip_nonfinite``, or GradScaler), counted as their
+            records reach the host (every ``log_every`` steps, and at :meth:`close`).
         history: the per-step host records so far (list of :class:`StepStats`), at most
-            ``keep_history`` of them (default 10,000).
+            ``keep_history`` of them.
+
+    Raises:
+        TypeError: ``optimizer`` is not a torch optimizer nor a wrapper holding one.
+        ValueError: a bad ``log_every``, ``keep_history``, ``detectors`` or ``group_by``, or
+            ``skip_nonfinite``/``scaler`` without an optimizer.
 
     Example:
         >>> import torch, gradkern as gk
@@ -121,20 +194,18 @@ class Monitor:
         detectors: str | Iterable[Detector] | None = "default",
         clip: float | Clipper | None = None,
         skip_nonfinite: bool = False,
+        scaler: torch.amp.GradScaler | None = None,
         group_by: str = "module",
         track_updates: bool = True,
         keep_history: int = 10_000,
         group=None,
     ):
-        if int(log_every) < 1:
-            raise ValueError(f"log_every must be >= 1, got {log_every}")
-        if skip_nonfinite and optimizer is None:
-            raise ValueError("skip_nonfinite=True needs the optimizer (the Monitor must be able "
-                             "to stop its step)")
-        self.layers = LayerMap.from_model(model, group_by)
-        self.optimizer = optimizer
-        self.log_every = int(log_every)
-        self.sinks: list[Sink] = [as_sink(s) for s in sinks]
+        self.log_every = _count_argument(log_every, "log_every", minimum=1)
+        self.keep_history = _count_argument(keep_history, "keep_history", minimum=0)
+        if optimizer is None and (skip_nonfinite or scaler is not None):
+            raise ValueError(("skip_nonfinite=True" if skip_nonfinite else "scaler=") +
+                             " needs the optimizer (the Monitor must take part in its steps)")
+        self.optimizer = None if optimizer is None else resolve_optimizer(optimizer)
         if detectors == "default":
             self.detectors: list[Detector] = default_detectors()
         elif detectors is None:
@@ -145,69 +216,131 @@ class Monitor:
             self.detectors = list(detectors)
         self.clipper = as_clipper(clip)
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.scaler = scaler
         self.track_updates = bool(track_updates) and optimizer is not None
-        self.keep_history = int(keep_history)
-        if group is None:  # FSDP2 or tensor-parallel parameters without their group
-            distributed.require_group_for_shards(self.layers.params, "the Monitor")
         self.group = group
         self._rank = dist.get_rank(group) if group is not None else 0
         self._world = dist.get_world_size(group) if group is not None else 1
+        self._model = model
+        self._group_by = group_by
+        watch_registrations()  # new modules and parameters, anywhere, bump a counter
+        self._watched_version: tuple | None = None
+        self.layers = self._layer_map()
+        self.sinks: list[Sink] = [as_sink(s) for s in sinks]
 
         self.events: list[Event] = []
         self.history: list[StepStats] = []
         self.skipped_steps = 0
         self.steps = 0  # optimizer steps observed (skipped ones included)
 
+        self._ring_steps: list[int] = []
+        self._ring_skipped: list[int] = []  # per slot: skip reasons known on the host (bits)
+        self._ring_index: list[torch.Tensor | None] = []  # per slot: the layer of each column
+        self._reset_layers()
+        self._ring_skip: torch.Tensor | None = None  # per slot: reasons known on the device
+        self._device_skips = False  # whether a slot of this window wrote _ring_skip
+        self._updates: dict[int, torch.Tensor] = {}  # step -> (2, layers): weight^2, update^2
+        self._want_histograms = any(getattr(s, "histograms", False) for s in self.sinks)
+        self._histograms: dict[int, torch.Tensor] = {}  # step -> (layers, HIST_BINS) counts
+        self._snapshot: tuple | None = None  # (present, params, weights before the update)
+        self._pending: list[tuple] = []  # (ready event, host rows, step meta, ...) in flight
+        self._hooks = []
+        self._step_state: _StepInProgress | None = None
+        self._left_over: FusedStep | None = None  # attributes of a step that raised
+        self._scaler_step = None  # (scaler, its step before the Monitor's) while watched
+        self._closed = False
+        if self.optimizer is not None:
+            self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
+            self._hooks.append(self.optimizer.register_step_post_hook(self._post_step))
+        if scaler is not None:
+            self._watch_scaler(scaler)
+
+    # ---- which parameters ------------------------------------------------------------------
+
+    def _layer_map(self) -> LayerMap:
+        """The model's parameters, and those only the optimizer holds, grouped into layers."""
+        extra = []
+        if self.optimizer is not None:
+            in_model = {id(p) for p in self._model.parameters()}
+            for g, group in enumerate(self.optimizer.param_groups):
+                extra += [(f"param_groups.{g}.params.{i}", p) for i, p in
+                          enumerate(group["params"]) if id(p) not in in_model]
+        layers = LayerMap.from_model(self._model, self._group_by, extra)
+        if self.group is None:  # FSDP2 or tensor-parallel parameters without their group
+            distributed.require_group_for_shards(layers.params, "the Monitor")
+        self._watched_version = self._version()
+        return layers
+
+    def _version(self) -> tuple:
+        """Changes when a module or parameter is registered anywhere, or the optimizer's
+        parameter groups change: a few integer reads per step."""
+        groups = self.optimizer.param_groups if self.optimizer is not None else ()
+        return (registrations(), len(groups), sum(len(g["params"]) for g in groups))
+
+    def _follow_new_parameters(self) -> None:
+        """Rebuild the layers when parameters were added since the last step; the steps
+        buffered so far are flushed first, under the layers they were recorded with."""
+        if self._version() == self._watched_version:
+            return
+        layers = self._layer_map()
+        if [id(p) for p in layers.params] == [id(p) for p in self.layers.params]:
+            return
+        self._flush_ring()
+        self.layers = layers
+        self._reset_layers()
+
+    def _reset_layers(self) -> None:
         n_layers = len(self.layers)
         self._param_layer = np.asarray(self.layers.layer_of, dtype=np.int64)
         # per-tensor stats of each buffered step: (log_every, _FIELDS, watched params) float64,
         # the first n_present columns of a slot used; reduced to layers at the flush
         self._ring: torch.Tensor | None = None
         self._ring_views: dict[tuple[int, int], list[torch.Tensor]] = {}  # (slot, n) -> fields
-        self._ring_index: list[torch.Tensor | None] = []  # per slot: the layer of each column
         self._ring_numel = np.zeros((self.log_every, n_layers), dtype=np.int64)
-        self._ring_steps: list[int] = []
-        self._ring_skipped: list[bool] = []
         self._layer_cache: tuple | None = None  # (present, device), (layer index, counts)
-        self._updates: dict[int, torch.Tensor] = {}  # step -> (2, layers): weight^2, update^2
-        self._want_histograms = any(getattr(s, "histograms", False) for s in self.sinks)
-        self._histograms: dict[int, torch.Tensor] = {}  # step -> (layers, HIST_BINS) counts
-        self._snapshot: tuple | None = None  # (present, params, weights before the update)
         self._cpu_snapshot: tuple | None = None  # (present, buffers) kept for CPU weights
-        self._pending: list[tuple] = []  # (ready event, host rows, step meta, updates) in flight
-        self._hooks = []
-        self._wrapped_step = None
-        self._closed = False
-        if optimizer is not None:
-            self._attach(optimizer)
 
     # ---- wiring --------------------------------------------------------------------------
 
-    def _attach(self, optimizer: torch.optim.Optimizer) -> None:
-        self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
-        self._hooks.append(optimizer.register_step_post_hook(self._post_step))
-        if self.skip_nonfinite:
-            original = optimizer.step  # bound method (possibly already wrapped by a scheduler)
+    def _watch_scaler(self, scaler) -> None:
+        """Wrap ``scaler.step`` (on this instance only) to see the steps it skips."""
+        before = vars(scaler).get("step")
+        original = scaler.step
+        monitor = self
 
-            def step(*args, **kwargs):
-                try:
-                    return original(*args, **kwargs)
-                except _SkipStep:
-                    return None
+        def step(optimizer, *args, **kwargs):
+            ours = monitor._is_ours(optimizer)
+            steps = monitor.steps
+            out = original(optimizer, *args, **kwargs)
+            if ours and monitor.steps == steps and not monitor._closed:
+                monitor._scaler_skipped()  # the optimizer's step never ran
+            return out
 
-            self._wrapped_step = original
-            optimizer.step = step
+        scaler.step = step
+        self._scaler_step = (scaler, before, step)
+
+    def _is_ours(self, optimizer) -> bool:
+        try:
+            return resolve_optimizer(optimizer) is self.optimizer
+        except TypeError:
+            return False
 
     def close(self) -> None:
-        """Process what is buffered, flush and close the sinks, and detach from the optimizer."""
+        """Process what is buffered, flush and close the sinks, and detach from the optimizer
+        (and the scaler). Further steps are not observed; :meth:`step` raises."""
         if self._closed:
             return
         self._flush_ring()
         self._drain()
         for h in self._hooks:
             h.remove()
-        if self._wrapped_step is not None:
-            self.optimizer.step = self._wrapped_step
+        if self._scaler_step is not None:
+            scaler, before, ours = self._scaler_step
+            if vars(scaler).get("step") is ours:  # (not wrapped again since)
+                if before is None:
+                    del scaler.step
+                else:
+                    scaler.step = before
         for sink in self.sinks:
             sink.close()
         self._closed = True
@@ -225,43 +358,105 @@ class Monitor:
         """Observe the current gradients (and clip them) when there is no optimizer to hook.
 
         Call it after ``backward()`` and before applying the update.
+
+        Raises:
+            RuntimeError: the Monitor is attached to an optimizer (its steps are observed
+                automatically), or it is closed.
         """
+        if self._closed:
+            raise RuntimeError("this Monitor is closed; make a new one to keep watching")
         if self.optimizer is not None:
             raise RuntimeError("this Monitor is attached to an optimizer; its steps are observed "
                                "automatically, do not call mon.step() as well")
-        self._observe()
+        self._follow_new_parameters()
+        self._observe(None)
         self._end_step()
 
-    def _pre_step(self, optimizer, args, kwargs) -> None:
-        with torch.no_grad():
-            skipped, present = self._observe()
-            if skipped:
-                self._end_step()
-                raise _SkipStep()
-            if self.track_updates and len(self._ring_steps) == self.log_every:
-                self._take_snapshot(present)
+    def _pre_step(self, optimizer, args, kwargs):
+        if self._left_over is not None:  # the previous step raised before its post-step hook
+            self._left_over.remove_added()
+            self._left_over = None
+        state = self._step_state = _StepInProgress()
+        closure = closure_of(args, kwargs)
+        if closure is None:
+            with torch.no_grad():
+                self._before_update(optimizer, state)
+            return None
+
+        def observed_closure():
+            loss = closure()
+            if not state.observed:  # LBFGS calls it again in its line search
+                with torch.no_grad():
+                    self._before_update(optimizer, state)
+            return loss
+
+        return with_closure(args, kwargs, observed_closure)
+
+    def _before_update(self, optimizer, state: _StepInProgress) -> None:
+        """The gradients are final: statistics, then skip or clip."""
+        state.observed = True
+        self._follow_new_parameters()
+        if takes_grad_scale(optimizer):
+            state.fused = FusedStep(optimizer)
+            if self.skip_nonfinite or state.fused.found_inf is not None:
+                state.momentum_check = first_fused_sgd_step(optimizer)
+        present = self._observe(state)
+        if state.held:
+            return  # skipped: no update to measure
+        if self.track_updates and len(self._ring_steps) == self.log_every:
+            self._take_snapshot(present)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
+        state, self._step_state = self._step_state, None
         with torch.no_grad():
+            if state is None or not state.observed:  # a closure the optimizer never called
+                self._empty_slot()
+                state = state or _StepInProgress()
+            give_back(state.held)
+            if state.fused is not None:
+                found_inf = state.fused.final_found_inf()
+                state.fused.remove_added()
+                if state.momentum_check and found_inf is not None and bool(found_inf > 0):
+                    drop_momentum_buffers(optimizer, state.momentum_check)  # first step only
             if self._snapshot is not None:
                 self._measure_updates()
             self._end_step()
 
-    def _observe(self) -> tuple[bool, tuple[int, ...] | None]:
-        """Stats of the current grads into the ring, then clip. Returns whether the step is
-        skipped, and which parameters had a gradient (``present`` of :meth:`_current_grads`)."""
-        slot = len(self._ring_steps)
+    def _scaler_skipped(self) -> None:
+        """GradScaler found inf/NaN and did not call the optimizer: record the step, with the
+        statistics of the gradients it unscaled."""
+        with torch.no_grad():
+            self._follow_new_parameters()
+            self._observe(None, act=False)
+            self._ring_skipped[-1] |= SKIPPED_BY_SCALER
+            self._end_step()
+
+    def _empty_slot(self) -> None:
         self._ring_steps.append(self.steps)
-        self._ring_skipped.append(False)
+        self._ring_skipped.append(0)
+        self._ring_numel[len(self._ring_steps) - 1] = 0
+        self._ring_index.append(None)
+
+    def _observe(self, state: _StepInProgress | None, act: bool = True) -> tuple | None:
+        """Stats of the current grads into the ring, then (``act``) skip or clip. Returns which
+        parameters had a gradient (``present`` of :meth:`_current_grads`)."""
+        slot = len(self._ring_steps)
         present, params, local_grads = self._current_grads()
         if not params:
-            self._ring_numel[slot] = 0
-            self._ring_index.append(None)
-            return False, present
+            self._empty_slot()
+            return present
+        self._ring_steps.append(self.steps)
+        self._ring_skipped.append(0)
+        fused = state.fused if state is not None else None
         # the element counts on the device only for a clipper (a kernel launch otherwise spent)
         g, raw, numel = _engine.gather_stats(local_grads, None, _L2,
-                                             counts=self.clipper is not None)
+                                             counts=self.clipper is not None and act)
         device = raw.power_sum.device
+        inv_scale = None
+        if fused is not None and fused.scale is not None:  # still scaled by GradScaler
+            inv_scale = fused.scale.to(device, torch.float64).reciprocal()
+            raw = RawStats(raw.power_sum * inv_scale.square(), raw.max_abs * inv_scale,
+                           raw.nonfinite, raw.zeros)
         if self._ring is None:
             self._ring = torch.empty(self.log_every, _FIELDS, len(self.layers.params),
                                      dtype=torch.float64, device=device)
@@ -276,20 +471,57 @@ class Monitor:
         torch._foreach_copy_(fields, [raw.power_sum, raw.max_abs, raw.nonfinite, raw.zeros])
 
         if self._want_histograms and slot == self.log_every - 1:
-            self._histograms[self.steps] = self._log2_histograms(local_grads, index)
-        if self.skip_nonfinite:
-            bad = raw.nonfinite.sum()
-            if self.group is not None:
-                dist.all_reduce(bad, group=self.group)  # every rank skips, or none does
-            if bool(bad > 0):  # the one host sync, by request
-                for p in params:
-                    p.grad.zero_()
-                self._ring_skipped[slot] = True
-                self.skipped_steps += 1
-                return True, present
+            self._histograms[self.steps] = self._log2_histograms(local_grads, index, inv_scale)
+        if not act:
+            return present
+        if fused is not None:
+            self._decide_on_device(slot, raw, fused)
+        elif self.skip_nonfinite and self._nonfinite_now(raw):
+            state.held = hold_grads(self.optimizer)  # the optimizer skips what has no grad
+            self._ring_skipped[slot] |= SKIPPED_NONFINITE
+            return present
         if self.clipper is not None:
-            self.clipper._clip(_Grads(params, g, raw, numel, self.group))
-        return False, present
+            grads = _Grads(params, g, raw, numel, self.group, inv_scale=inv_scale)
+            found = self.clipper._global_coefficient(grads) if fused is not None else None
+            if found is not None:
+                fused.fold(found[1])  # applied by the optimizer's own kernel
+            else:
+                if inv_scale is not None:  # the clipper needs the true gradients first
+                    _unscale_(local_grads, inv_scale)
+                    fused.unscaled()
+                    grads.inv_scale = None
+                self.clipper._clip(grads)
+        return present
+
+    def _nonfinite_any(self, raw: RawStats) -> torch.Tensor:
+        """Whether any watched gradient holds NaN/inf (0-dim bool, on the device); with a group,
+        on any rank, so that every rank decides alike."""
+        bad = raw.nonfinite.sum()
+        if self.group is not None:
+            dist.all_reduce(bad, group=self.group)
+        return bad > 0
+
+    def _nonfinite_now(self, raw: RawStats) -> bool:
+        return bool(self._nonfinite_any(raw))  # the one host sync, by request
+
+    def _decide_on_device(self, slot: int, raw: RawStats, fused: FusedStep) -> None:
+        """A fused step: skip through ``found_inf`` (combined with GradScaler's), and note on
+        the device why this slot's step will be skipped, if it is."""
+        reason = None
+        if self.skip_nonfinite:
+            bad = self._nonfinite_any(raw)
+            fused.skip_if(bad)
+            reason = bad.to(torch.float64) * SKIPPED_NONFINITE
+        if fused.found_inf is not None:  # GradScaler's
+            by_scaler = (fused.found_inf.to(raw.power_sum.device) > 0).to(torch.float64)
+            reason = by_scaler * SKIPPED_BY_SCALER + (0 if reason is None else reason)
+        if reason is None:
+            return
+        if self._ring_skip is None or self._ring_skip.device != reason.device:
+            self._ring_skip = torch.zeros(self.log_every, dtype=torch.float64,
+                                          device=reason.device)
+        self._ring_skip[slot] = reason
+        self._device_skips = True
 
     def _current_grads(self) -> tuple[tuple[int, ...] | None, list, list[torch.Tensor]]:
         """``(present, params, local_grads)``: the watched parameters that have a gradient now,
@@ -325,13 +557,17 @@ class Monitor:
         self._layer_cache = (key, hit)  # the set of params with grads rarely changes
         return hit
 
-    def _log2_histograms(self, grads: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    def _log2_histograms(self, grads: list[torch.Tensor], index: torch.Tensor,
+                         inv_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Counts of log2|g| per layer, one bin per power of two (zeros and NaN/inf left out:
         the zero and non-finite counts already say how many there are). An extra read pass,
-        taken only on log steps and only when a sink wants histograms."""
+        taken only on log steps and only when a sink wants histograms. ``inv_scale``: the
+        gradients are still scaled by GradScaler, by its inverse."""
         out = torch.zeros(len(self.layers), HIST_BINS, dtype=torch.float64, device=index.device)
         for k, g in enumerate(grads):
             a = g.detach().reshape(-1).abs().float()
+            if inv_scale is not None:
+                a = a * inv_scale.to(torch.float32)
             a = a[(a > 0) & a.isfinite()]
             exponent = a.log2().clamp_(HIST_MIN, HIST_MAX - 0.5)
             counts = torch.histc(exponent, bins=HIST_BINS, min=HIST_MIN, max=HIST_MAX)
@@ -387,6 +623,11 @@ class Monitor:
             return
         meta = [(self._ring_steps[i], self._ring_skipped[i], self._ring_numel[i].copy())
                 for i in range(count)]
+        skips = None  # skip reasons decided on the device, this window
+        if self._device_skips:
+            skips = self._ring_skip[:count].clone()
+            self._ring_skip.zero_()
+            self._device_skips = False
         updates = {s: self._updates.pop(s) for s, _, _ in meta if s in self._updates}
         histograms = {s: self._histograms.pop(s) for s, _, _ in meta if s in self._histograms}
         if self.group is not None and histograms:  # counts add up across ranks
@@ -408,6 +649,8 @@ class Monitor:
             histograms = {s: h.to("cpu", non_blocking=True) for s, h in histograms.items()}
             if rank_flags is not None:
                 rank_flags = rank_flags.to("cpu", non_blocking=True)
+            if skips is not None:
+                skips = skips.to("cpu", non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
             # The ring is rewritten from the next step on; the copy must finish first. Later
@@ -416,7 +659,8 @@ class Monitor:
             host, ready = rows.clone(), None
             update_host = updates
         self._ring_steps, self._ring_skipped, self._ring_index = [], [], []
-        self._pending.append((ready, host, meta, update_host, rank_flags, histograms))
+        self._pending.append((ready, host, meta, update_host, rank_flags, histograms, skips,
+                              self.layers))
         self._drain(block=False)
 
     def _layer_rows(self, count: int) -> torch.Tensor:
@@ -475,14 +719,17 @@ class Monitor:
     def _drain(self, block: bool = True) -> None:
         """Process the copies that have arrived (all of them when ``block``)."""
         while self._pending:
-            ready, host, meta, updates, rank_flags, histograms = self._pending[0]
+            ready, host, meta, updates, rank_flags, histograms, skips, layers = self._pending[0]
             if ready is not None and not ready.query():
                 if not block and len(self._pending) == 1:
                     return  # still in flight: handled at the next log step
                 ready.synchronize()
             self._pending.pop(0)
             flags = None if rank_flags is None else rank_flags.numpy()
-            self._process(host.numpy(), meta, updates, flags, histograms)
+            if skips is not None:
+                meta = [(step, code | int(device_code), numel) for (step, code, numel), device_code
+                        in zip(meta, skips.numpy())]
+            self._process(host.numpy(), meta, updates, flags, histograms, layers)
         for sink in self._sinks_here():
             sink.flush()
 
@@ -490,10 +737,16 @@ class Monitor:
         return self.sinks if self._rank == 0 else []
 
     def _process(self, rows: np.ndarray, meta: list, updates: dict,
-                 rank_flags: np.ndarray | None = None, histograms: dict | None = None) -> None:
+                 rank_flags: np.ndarray | None = None, histograms: dict | None = None,
+                 layers: LayerMap | None = None) -> None:
+        layers = self.layers if layers is None else layers
         for k, ((step, skipped, numel), row) in enumerate(zip(meta, rows)):
+            reason = skip_reason(skipped)
             s = StepStats(step=step, grad_sq=row[:, 0], grad_max=row[:, 1], nonfinite=row[:, 2],
-                          zeros=row[:, 3], numel=numel.astype(np.float64), skipped=skipped)
+                          zeros=row[:, 3], numel=numel.astype(np.float64),
+                          skipped=reason is not None, skip_reason=reason)
+            if reason is not None:
+                self.skipped_steps += 1
             if rank_flags is not None:  # reduced across the group: flags, then element counts
                 s.nonfinite_ranks = [int(r) for r in np.flatnonzero(rank_flags[k, :self._world])]
                 s.numel = rank_flags[k, self._world:].copy()
@@ -508,17 +761,17 @@ class Monitor:
             if len(self.history) > self.keep_history:
                 del self.history[: len(self.history) - self.keep_history]
             for sink in self._sinks_here():
-                sink.write(self._record(s))
+                sink.write(self._record(s, layers))
             for detector in self.detectors:
-                for event in detector.observe(s, self.layers):
+                for event in detector.observe(s, layers):
                     self.events.append(event)
                     for sink in self._sinks_here():
                         sink.write({"type": "event", **event.as_dict()})
 
-    def _record(self, s: StepStats) -> dict:
+    def _record(self, s: StepStats, layer_map: LayerMap) -> dict:
         rms = s.grad_rms
         layers = {}
-        for i, name in enumerate(self.layers.names):
+        for i, name in enumerate(layer_map.names):
             if s.numel[i] == 0:
                 continue
             entry = {"grad_norm": float(np.sqrt(s.grad_sq[i])), "grad_rms": float(rms[i]),
@@ -532,6 +785,8 @@ class Monitor:
                 entry["log2_hist"] = s.log2_histogram[i].astype(int).tolist()
         record = {"type": "step", "step": s.step, "total_norm": s.total_norm,
                   "skipped": s.skipped, "layers": layers}
+        if s.skipped:
+            record["skip_reason"] = s.skip_reason
         if s.log2_histogram is not None:
             record["log2_hist_range"] = [HIST_MIN, HIST_MAX]
         return record

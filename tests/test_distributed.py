@@ -250,7 +250,7 @@ def test_monitor_reduces_across_ranks_and_writes_on_rank_0(tmp_path):
 
 def check_dtensor(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     full = [torch.randn(8, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     full[2][5, 1] = 0.0
@@ -269,8 +269,10 @@ def check_dtensor(rank, world):
             # mixed placements in one list: the last tensor replicated everywhere
             grads[-1] = distribute_tensor(full[-1].clone(), mesh, [Replicate()] * mesh.ndim)
             for p in NORMS:
-                torch.testing.assert_close(gk.get_total_norm(grads, p), want_norm[p],
-                                           rtol=2e-6, atol=0)
+                got = gk.get_total_norm(grads, p)  # a DTensor, as torch's is
+                assert isinstance(got, DTensor) and got.device_mesh is mesh
+                assert all(pl.is_replicate() for pl in got.placements)
+                torch.testing.assert_close(got.full_tensor(), want_norm[p], rtol=2e-6, atol=0)
             s = gk.grad_stats([Holder(g) for g in grads])
             torch.testing.assert_close(s.norm, want_stats.norm, rtol=2e-6, atol=0)
             assert torch.equal(s.zeros, want_stats.zeros)
@@ -296,7 +298,8 @@ def check_dtensor(rank, world):
     mixed = [distribute_tensor(t.clone(), mesh, [Shard(i % 2)]) for i, t in enumerate(full)]
     with counted_all_reduce() as calls:
         got = gk.get_total_norm(mixed)
-    torch.testing.assert_close(got, want_norm[2.0], rtol=2e-6, atol=0)
+        value = got.full_tensor()  # already reduced: no collective of its own
+    torch.testing.assert_close(value, want_norm[2.0], rtol=2e-6, atol=0)
     assert len(calls) == 2
 
     # Partial: each rank holds a part of the sum; reduced once before the statistics
@@ -304,7 +307,10 @@ def check_dtensor(rank, world):
 
     mesh = meshes[0]
     partial = [DTensor.from_local(t / world, mesh, [Partial()]) for t in full]
-    torch.testing.assert_close(gk.get_total_norm(partial), want_norm[2.0], rtol=2e-6, atol=0)
+    torch.testing.assert_close(gk.get_total_norm(partial).full_tensor(), want_norm[2.0],
+                               rtol=2e-6, atol=0)
+    # plain tensors stay plain
+    assert type(gk.get_total_norm(full)) is torch.Tensor
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -339,7 +345,7 @@ def check_fsdp2(rank, world, out_dir):
     assert gk.grad_stats(model.parameters()).numel.tolist() == [p.numel() for p in
                                                                 reference.parameters()]
     got = gk.clip_grad_norm_(model.parameters(), 0.1)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.to_local(), want, rtol=1e-5, atol=0)
     torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
     # each rank's shard against its rows of the reference (FSDP2 cuts dim 0 like torch.chunk);
     # full_tensor() would do the same through torch's functional collectives, which crashed
@@ -413,8 +419,8 @@ def check_dtensor_in_place(rank, world):
                        (lambda hs: gk.clip_(hs, max_norm=0.5, per_tensor=True),
                         [r.grad for r in reference])):
         partial = [DTensor.from_local(t / world, mesh, [Partial()]) for t in finite]
-        torch.testing.assert_close(clip([Holder(p) for p in partial]), want_total, rtol=1e-6,
-                                   atol=0)
+        torch.testing.assert_close(clip([Holder(p) for p in partial]).full_tensor(), want_total,
+                                   rtol=1e-6, atol=0)
         for p, w in zip(partial, want):
             torch.testing.assert_close(p.full_tensor(), w, rtol=1e-6, atol=1e-7)
     partial = [DTensor.from_local(t / world, mesh, [Partial()]) for t in finite]

@@ -182,7 +182,9 @@ def test_skip_nonfinite_keeps_weights_and_state_finite():
         assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
     skipped = [e for e in mon.events if e.kind == "nonfinite" and e.evidence["skipped"]]
     assert len(skipped) == mon.skipped_steps
-    assert all(p.grad is None or not p.grad.any() for p in case.model.parameters())
+    # the gradients of the last (skipped) step are left as they were, for the loop to inspect
+    assert mon.history[-1].skipped and mon.history[-1].skip_reason == "nonfinite"
+    assert not all(torch.isfinite(p.grad).all() for p in case.model.parameters())
 
 
 def test_skipped_step_leaves_weights_exactly_as_they_were():
@@ -200,7 +202,7 @@ def test_skipped_step_leaves_weights_exactly_as_they_were():
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(state, [v for s in opt.state.values()
                                                           for v in s.values()]))
-    assert opt.step.__func__ is type(opt).step  # close() restored the optimizer
+    assert "step" not in vars(opt)  # hooks only: the optimizer's step was never replaced
 
 
 def test_grad_scaler_observes_unscaled_grads():
