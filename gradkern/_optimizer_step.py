@@ -119,7 +119,13 @@ class FusedStep:
         setattr(self.optimizer, name, value)
 
     def fold(self, coef: torch.Tensor) -> None:
-        """Multiply the gradients by ``coef`` (0-dim) inside the optimizer's kernel."""
+        """Multiply the gradients by ``coef`` (0-dim) inside the optimizer's kernel.
+
+        A kernel given ``grad_scale`` also writes the divided gradients back, a pass over them
+        of its own; on the CPU, where reading ``coef`` costs nothing, a coefficient of 1 or
+        more (nothing to clip) spares it. (On a GPU that read would stall the host.)"""
+        if self.scale is None and coef.device.type == "cpu" and bool(coef >= 1.0):
+            return
         scale = 1.0 if self.scale is None else self.scale.to(coef.device, torch.float64)
         self._set("grad_scale", (scale / coef).to(torch.float32))
 

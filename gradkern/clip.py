@@ -171,8 +171,16 @@ def get_total_norm(
             :mod:`gradkern.distributed`). Default: None (this process only).
 
     Returns:
-        A 0-dim tensor on the first tensor's device, with torch's promoted dtype of the inputs.
-        An empty list gives ``tensor(0.)``.
+        A 0-dim tensor on the first tensor's device, with torch's promoted dtype of the inputs
+        (a norm too large for that dtype is ``inf``, as in torch). An empty list gives
+        ``tensor(0.)``. For DTensor inputs (FSDP2, tensor parallel), a replicated DTensor, as
+        torch returns: ``.full_tensor()`` is the norm.
+
+    Raises:
+        ValueError: an unknown ``norm_type``. TypeError: an unsupported dtype (complex,
+            integer) or a list mixing tensors and ``(name, tensor)`` pairs. RuntimeError: with
+            ``error_if_nonfinite``, a non-finite norm; a negative ``norm_type`` over zero
+            elements (it has no value).
 
     Example:
         >>> import torch, gradkern as gk
@@ -300,10 +308,18 @@ def clip_grad_norm_(
             :mod:`gradkern.distributed`). Default: None (this process only).
 
     Returns:
-        The total norm before clipping, 0-dim, on the gradients' device.
+        The total norm before clipping, 0-dim, on the gradients' device, in their promoted
+        dtype; a replicated DTensor for DTensor gradients, as torch returns.
 
     Raises:
-        ValueError: bad ``max_norm`` or ``norm_type``. TypeError: non-floating gradients.
+        ValueError: bad ``max_norm`` or ``norm_type``. TypeError: gradients that are not
+            floating point (complex included), or a list mixing tensors and ``(name, tensor)``
+            pairs. RuntimeError: with ``error_if_nonfinite``, a non-finite norm (a finite one
+            that overflows the gradients' dtype included); two gradients that overlap in
+            memory. Nothing is modified in any case.
+
+    A gradient listed more than once counts once per appearance in the norm and is scaled once
+    per appearance, as torch's in-place sequence leaves it.
 
     Example:
         >>> import torch, gradkern as gk
@@ -394,7 +410,8 @@ def clip_(
             (entry i of each rank is a shard of the same tensor).
 
     Returns:
-        The total norm of all gradients *before* clipping, 0-dim, on the gradients' device.
+        The total norm of all gradients *before* clipping, 0-dim, on the gradients' device (a
+        replicated DTensor for DTensor gradients, as :func:`clip_grad_norm_` returns).
 
     Raises:
         ValueError: a negative or NaN ``max_norm``/``value``, or an unknown ``norm_type``.

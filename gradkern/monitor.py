@@ -245,9 +245,8 @@ class Monitor:
         self._snapshot: tuple | None = None  # (present, params, weights before the update)
         self._pending: list[tuple] = []  # (ready event, host rows, step meta, ...) in flight
         self._hooks = []
-        self._step_state: _StepInProgress | None = None
-        self._left_over: FusedStep | None = None  # attributes of a step that raised
-        self._scaler_step = None  # (scaler, its step before the Monitor's) while watched
+        self._step_state: _StepInProgress | None = None  # from pre-step to post-step hook
+        self._scaler_step = None  # (scaler, its own step attribute or None, the wrapper)
         self._closed = False
         if self.optimizer is not None:
             self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
@@ -373,9 +372,14 @@ class Monitor:
         self._end_step()
 
     def _pre_step(self, optimizer, args, kwargs):
-        if self._left_over is not None:  # the previous step raised before its post-step hook
-            self._left_over.remove_added()
-            self._left_over = None
+        if self._step_state is not None:  # the previous step raised: undo, and count it
+            unfinished, self._step_state = self._step_state, None
+            give_back(unfinished.held)
+            if unfinished.fused is not None:
+                unfinished.fused.remove_added()
+            self._snapshot = None
+            if unfinished.observed:
+                self._end_step()
         state = self._step_state = _StepInProgress()
         closure = closure_of(args, kwargs)
         if closure is None:

@@ -454,6 +454,47 @@ def test_compiled_model_is_named_after_the_module_it_compiles():
 
 # ---- arguments and lifecycle -----------------------------------------------------------------
 
+def test_a_step_that_raises_leaves_nothing_behind():
+    """Another pre-step hook raises after the Monitor's ran: the attributes the Monitor gave
+    the fused optimizer and the gradients it held go back, and the next step is normal."""
+    ours, ref = net(), net()
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-2, fused=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    plain = torch.optim.SGD(net(1).parameters(), lr=0.1)
+
+    def refuse(*_):
+        raise KeyError("refused")
+
+    with gk.Monitor(ours, opt, clip=0.5, skip_nonfinite=True, log_every=2,
+                    detectors=None) as mon:
+        handle = opt.register_step_pre_hook(refuse)
+        loss_of(ours, 0).backward()
+        with pytest.raises(KeyError):
+            opt.step()
+        assert "grad_scale" in vars(opt)  # left by the step that raised
+        handle.remove()
+        for step in range(1, 3):
+            for model, o in ((ours, opt), (ref, ref_opt)):
+                o.zero_grad()
+                loss_of(model, step, scale=4.0).backward()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+            opt.step()
+            ref_opt.step()
+            assert_same_params(ours, ref)
+            assert "grad_scale" not in vars(opt) and "found_inf" not in vars(opt)
+    assert mon.steps == 3 and [s.step for s in mon.history] == [0, 1, 2]
+    model = plain.param_groups[0]["params"]
+    with gk.Monitor(nn.ParameterList(model), plain, skip_nonfinite=True, detectors=None):
+        handle = plain.register_step_pre_hook(refuse)
+        for p in model:
+            p.grad = torch.full_like(p, float("nan"))
+        with pytest.raises(KeyError):
+            plain.step()
+        handle.remove()
+        plain.step()  # the previous step's held gradients are back, and skipped again
+        assert all(p.grad is not None for p in model)
+
+
 @pytest.mark.parametrize("kwargs", [{"log_every": 2.5}, {"log_every": 0}, {"log_every": True},
                                     {"keep_history": -1}, {"keep_history": 1.5}])
 def test_counts_must_be_integers(kwargs):
