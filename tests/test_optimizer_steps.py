@@ -125,6 +125,25 @@ def test_fused_optimizer_without_scaler_clip_is_folded(name):
     assert len(mon.history) == 4
 
 
+def test_fused_step_with_nothing_to_clip_leaves_the_gradients_alone_on_the_cpu():
+    """A fused kernel given grad_scale writes the gradients back; on the CPU the Monitor reads
+    its coefficient for free and gives none when there is nothing to clip."""
+    model = net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    seen = []
+    with gk.Monitor(model, opt, clip=1e9, detectors=None):
+        opt.register_step_pre_hook(lambda o, *_: seen.append(vars(o).get("grad_scale")))
+        loss_of(model, 0).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        assert seen == [None]
+        assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+        opt.zero_grad()
+        (loss_of(model, 1) * 1e12).backward()
+        opt.step()  # now it clips
+        assert seen[-1] is not None and float(seen[-1]) > 1.0
+
+
 @pytest.mark.parametrize("clipper", [lambda: gk.ClipByValue(0.05),
                                      lambda: gk.ClipByNorm(0.3, per_tensor=True),
                                      lambda: gk.AGC(clip_factor=0.01)],
