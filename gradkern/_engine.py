@@ -170,6 +170,15 @@ def _to(raw: RawStats, device: torch.device) -> RawStats:
                     raw.zeros.to(device))
 
 
+CLIP_EPS = 1e-6  # torch's guard in max_norm / (norm + eps)
+
+
+def clip_coefficient(max_norm: float | torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """torch's clip coefficient, ``min(max_norm / (norm + 1e-6), 1)``, in float64 (per entry
+    of ``norm``). NaN stays NaN: a NaN norm poisons the gradients, as in torch."""
+    return (max_norm / (norm.to(torch.float64) + CLIP_EPS)).clamp(max=1.0)
+
+
 def per_tensor_norms(raw: RawStats, numel: torch.Tensor, spec: NormSpec) -> torch.Tensor:
     """float64 norm of each tensor."""
     if spec.kind == NormKind.L2:

@@ -24,6 +24,7 @@ from torch.nn.utils import get_total_norm as torch_get_total_norm
 
 from . import clip, stats
 from .backends import backends, set_backend
+from .bench_compiled_step import compiled_step_times
 from .bench_fused_step import CLIPPING, NOTHING_TO_CLIP, fused_step_times
 from .bench_monitor import monitor_overhead
 from .bench_monitor import print_rows as print_monitor_rows
@@ -128,10 +129,13 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
     on_gpu = device.startswith("cuda")
 
     def row(op, scenario, t_torch, t_gk, nbytes, note=""):
-        limit = limits[scenario]["copy_bw" if on_gpu else "read_bw"]
+        """One row; the limit share only where the scenario's limit was measured."""
+        measured = limits.get(scenario)
+        share = (nbytes / t_gk) / measured["copy_bw" if on_gpu else "read_bw"] \
+            if measured else float("nan")
         r = dict(op=op, scenario=scenario, torch_ms=t_torch * 1e3, gradkern_ms=t_gk * 1e3,
-                 speedup=t_torch / t_gk, gbps=nbytes / t_gk / 1e9,
-                 limit_share=(nbytes / t_gk) / limit, note=note)
+                 speedup=t_torch / t_gk, gbps=nbytes / t_gk / 1e9, limit_share=share,
+                 note=note)
         rows.append(r)
         _print_row(r)
 
@@ -205,6 +209,9 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
                 f"torch column = {fallback}; speed-up = {fallback} time / compiled time")
         del params, grads, saved
     _fused_step_rows(row, device, repeats, quick)
+    t_torch, t_gk, nbytes = compiled_step_times(device, repeats, best_times)
+    row("compiled step: fwd + bwd + clip", COMPILED_SCENARIO, t_torch, t_gk, nbytes,
+        "torch.compile over forward, backward and clip_grad_norm_(1.0): torch's or gradkern's")
     print()
     monitor_rows = monitor_overhead(device, steps=12 if quick else 40)
     print_monitor_rows(monitor_rows)
@@ -219,6 +226,9 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
                        "monitor_rows": monitor_rows}, f, indent=2, default=str)
         print(f"wrote {json_path}")
     return 0
+
+
+COMPILED_SCENARIO = "MLP 8 x 1,024 (8.4M), batch 64"
 
 
 def _fused_step_rows(row, device: str, repeats: int, quick: bool) -> None:
@@ -248,6 +258,6 @@ def _device_name(device: str) -> str:
 
 
 def _print_row(r: dict) -> None:
-    share = f"{100 * r['limit_share']:6.0f}%"
+    share = "-" if math.isnan(r["limit_share"]) else f"{100 * r['limit_share']:6.0f}%"
     print(f"{r['op']:34s} {r['scenario']:34s} {r['torch_ms']:9.2f} {r['gradkern_ms']:9.2f} "
           f"{r['speedup']:7.2f}x {r['gbps']:7.1f} {share:>7s}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _engine, distributed
+from . import _compiled, _engine, distributed
 from ._norm_spec import NormSpec, parse_norm_type
 from ._table import result_dtype
 from ._params import TensorOrTensors, check_bound, grads_of, split_names
@@ -15,7 +15,6 @@ from ._params import TensorOrTensors, check_bound, grads_of, split_names
 __all__ = ["get_total_norm", "clip_grads_with_norm_", "clip_grad_norm_", "clip_grad_value_",
            "clip_"]
 
-_EPS = 1e-6  # torch's guard in max_norm / (total_norm + eps)
 
 
 def _check_finite(total: torch.Tensor, g, raw, spec: NormSpec, across_ranks: bool) -> None:
@@ -165,6 +164,8 @@ def get_total_norm(
         norm_type: p of the p-norm: any float, ``inf``, ``-inf``, or ``'inf'``. Default: 2.0.
         error_if_nonfinite: raise RuntimeError, naming the non-finite tensors, if the norm is NaN
             or inf. Default: False.
+            It reads the norm on the host, so inside ``torch.compile`` the graph breaks
+            there (``fullgraph=True`` raises and says so).
         foreach: accepted for compatibility and ignored (every gradkern op is multi-tensor).
         group: a ``torch.distributed`` process group whose ranks each hold a disjoint part
             of the gradients: the result is then the whole set's (two packed collectives, see
@@ -187,6 +188,9 @@ def get_total_norm(
         >>> gk.get_total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
         tensor(5.)
     """
+    if torch.compiler.is_compiling():
+        return _compiled.get_total_norm(get_total_norm, tensors, norm_type, error_if_nonfinite,
+                                        group)
     spec = parse_norm_type(norm_type)
     items, names = split_names(tensors)
     if not items and group is None:
@@ -209,10 +213,6 @@ def _result_dtype(g) -> torch.dtype:
     if isinstance(g, list):
         return result_dtype({one.dtype for one in g}) if g else torch.get_default_dtype()
     return torch.get_default_dtype() if g is None else g.dtype
-
-
-def _clip_coef(max_norm: float, norm: torch.Tensor) -> torch.Tensor:
-    return (max_norm / (norm.to(torch.float64) + _EPS)).clamp(max=1.0)
 
 
 @torch.no_grad()
@@ -248,6 +248,9 @@ def clip_grads_with_norm_(
         tensor([0.6000, 0.8000])
     """
     max_norm = check_bound(max_norm, "max_norm")
+    if torch.compiler.is_compiling():
+        return _compiled.clip_grads_with_norm_(clip_grads_with_norm_, parameters, max_norm,
+                                               total_norm)
     if distributed.is_dtensor(total_norm):  # torch's get_total_norm over DTensor gradients
         total_norm = total_norm.full_tensor()
     _check_total_norm(total_norm)
@@ -257,7 +260,8 @@ def clip_grads_with_norm_(
     # scaling is linear, so each DTensor's local tensor is scaled where it lives, Partial too
     g = _engine.gather(distributed.local_shards(grads), names)
     total = torch.as_tensor(total_norm, device=g.device)
-    _engine.clip_in_place(g, _clip_coef(max_norm, total).reshape(1), float("inf"))
+    _engine.clip_in_place(g, _engine.clip_coefficient(max_norm, total).reshape(1),
+                          float("inf"))
 
 
 def _check_total_norm(total_norm) -> None:
@@ -302,6 +306,8 @@ def clip_grad_norm_(
         norm_type: p of the p-norm (any float, ``inf``, ``-inf``, ``'inf'``). Default: 2.0.
         error_if_nonfinite: raise RuntimeError naming the parameters whose gradients hold
             NaN/inf when the total norm is non-finite; nothing is modified then. Default: False.
+            It reads the norm on the host, so inside ``torch.compile`` the graph breaks
+            there (``fullgraph=True`` raises and says so).
         foreach: accepted for compatibility and ignored.
         group: a ``torch.distributed`` process group whose ranks each hold a disjoint part
             of the gradients: the result is then the whole set's (two packed collectives, see
@@ -330,12 +336,15 @@ def clip_grad_norm_(
         True
     """
     max_norm = check_bound(max_norm, "max_norm")
+    if torch.compiler.is_compiling():
+        return _compiled.clip_(clip_, parameters, max_norm, None, norm_type, False,
+                               error_if_nonfinite, group)
     spec = parse_norm_type(norm_type)
     grads, names = grads_of(parameters, warn_empty_generator=True)
     if not grads and group is None:
         return torch.tensor(0.0)
     g, _, total = _norms(grads, names, spec, error_if_nonfinite, group, write="scale")
-    _clip_each(g, _clip_coef(max_norm, total).reshape(1), float("inf"))
+    _clip_each(g, _engine.clip_coefficient(max_norm, total).reshape(1), float("inf"))
     return _returned(total, g, grads)
 
 
@@ -367,6 +376,8 @@ def clip_grad_value_(
         tensor([-1.0000,  0.5000,  1.0000])
     """
     clip_value = check_bound(clip_value, "clip_value")
+    if torch.compiler.is_compiling():
+        return _compiled.clip_grad_value_(clip_grad_value_, parameters, clip_value)
     grads, names = grads_of(parameters)
     if not grads:
         return
@@ -403,6 +414,8 @@ def clip_(
         per_tensor: clip each tensor's norm separately. Default: False.
         error_if_nonfinite: raise RuntimeError naming the non-finite gradients if the total norm
             is NaN/inf; nothing is modified then. Default: False.
+            It reads the norm on the host, so inside ``torch.compile`` the graph breaks
+            there (``fullgraph=True`` raises and says so).
         group: a ``torch.distributed`` process group whose ranks each hold a disjoint part
             of the gradients: the result is then the whole set's (two packed collectives, see
             :mod:`gradkern.distributed`). Default: None (this process only).
@@ -427,6 +440,9 @@ def clip_(
     """
     max_norm = None if max_norm is None else check_bound(max_norm, "max_norm")
     value_bound = float("inf") if value is None else check_bound(value, "value")
+    if torch.compiler.is_compiling():
+        return _compiled.clip_(clip_, parameters, max_norm, value, norm_type, per_tensor,
+                               error_if_nonfinite, group)
     spec = parse_norm_type(norm_type)
     grads, names = grads_of(parameters)
     if not grads and group is None:
@@ -437,9 +453,9 @@ def clip_(
                              "scale" if max_norm is not None else None)
     coef = None
     if max_norm is not None and per_tensor and isinstance(norms, list):  # DTensor sets
-        coef = [_clip_coef(max_norm, n) for n in norms]
+        coef = [_engine.clip_coefficient(max_norm, n) for n in norms]
     elif max_norm is not None:
-        coef = _clip_coef(max_norm, norms if per_tensor else total.reshape(1))
+        coef = _engine.clip_coefficient(max_norm, norms if per_tensor else total.reshape(1))
     if coef is not None or value is not None:
         _clip_each(g, coef, value_bound)
     return _returned(total, g, grads)

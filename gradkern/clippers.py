@@ -22,7 +22,6 @@ from .backends import RawStats
 
 __all__ = ["Clipper", "ClipByNorm", "ClipByValue", "AGC", "AutoClip", "ZClip", "as_clipper"]
 
-_EPS = 1e-6  # torch's guard in max_norm / (norm + eps)
 _L2 = parse_norm_type(2.0)
 
 
@@ -183,11 +182,6 @@ def _norm_dtype(grads: _Grads) -> torch.dtype:
     return torch.float32
 
 
-def _coefficient(total: torch.Tensor, max_norm: torch.Tensor | float) -> torch.Tensor:
-    """min(max_norm / (total + eps), 1): torch's clip coefficient."""
-    return (max_norm / (total + _EPS)).clamp(max=1.0)
-
-
 class ClipByNorm(Clipper):
     """Clip the global gradient norm to ``max_norm`` (or each tensor's, with ``per_tensor``).
 
@@ -215,7 +209,7 @@ class ClipByNorm(Clipper):
         total_l2 = grads.total_norm()
         total = total_l2 if self._spec.kind == NormKind.L2 else \
             grads.stats_for(self._spec, False)[1]
-        return total_l2, _coefficient(total, self.max_norm)
+        return total_l2, _engine.clip_coefficient(self.max_norm, total)
 
     def _clip(self, grads: _Grads) -> torch.Tensor:
         if not self.per_tensor:
@@ -223,8 +217,8 @@ class ClipByNorm(Clipper):
         total_l2 = grads.total_norm()
         norms, _ = grads.stats_for(self._spec, True)
         if grads.gathered is not None:
-            _engine.clip_in_place(grads.gathered, _coefficient(norms, self.max_norm),
-                                  float("inf"))
+            coef = _engine.clip_coefficient(self.max_norm, norms)
+            _engine.clip_in_place(grads.gathered, coef, float("inf"))
         return total_l2
 
 
@@ -294,7 +288,7 @@ class AutoClip(Clipper):
         # A non-finite norm in the history would poison the quantile; keep finite ones out of it.
         finite = torch.where(seen.isfinite(), seen, torch.zeros_like(seen))
         threshold = torch.quantile(finite, self.percentile / 100.0)
-        return total, _coefficient(total, threshold)
+        return total, _engine.clip_coefficient(threshold, total)
 
     def state_dict(self) -> dict:
         return {"norms": None if self._norms is None else self._norms.clone(), "count": self._count}
@@ -357,7 +351,7 @@ class ZClip(Clipper):
         mean, std = self._mean, (self._var + self.eps).sqrt()
         z = (total - mean) / std
         limit = torch.where(z > self.z_thresh, mean + (self.z_thresh / z) * std, total)
-        coef = _coefficient(total, torch.where(finite, limit, total))
+        coef = _engine.clip_coefficient(torch.where(finite, limit, total), total)
         clipped = torch.where(finite, torch.minimum(total, limit), mean)
         new_mean = self.alpha * mean + (1 - self.alpha) * clipped
         new_var = self.alpha * self._var + (1 - self.alpha) * (clipped - new_mean) ** 2

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _engine, distributed
+from . import _compiled, _engine, distributed
 from .backends import RawStats
 from ._norm_spec import parse_norm_type
 from ._params import TensorOrTensors, grads_of
@@ -60,12 +60,16 @@ def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0, *, group=Non
         >>> s.names, s.numel.tolist(), s.nonfinite.tolist()
         (['weight', 'bias'], [3, 1], [0, 0])
     """
+    if torch.compiler.is_compiling():
+        found = _compiled.grad_stats(grad_stats, parameters, norm_type, group)
+        if isinstance(found, GradStats):  # (computed outside the graph)
+            return found
+        names, raw, numel, spec, has_fp64 = found
+        return _empty(names) if raw is None else _from_raw(names, raw, numel, spec, has_fp64)
     spec = parse_norm_type(norm_type)
     grads, names = grads_of(parameters)
     if not grads and group is None:
-        empty_f = torch.zeros(0)
-        empty_i = torch.zeros(0, dtype=torch.int64)
-        return GradStats(names, empty_f, empty_f, empty_i, empty_i, empty_i, torch.tensor(0.0))
+        return _empty(names)
     # Plain tensors first: a list the fast path takes holds no DTensor, and looking for one in
     # 20,000 tensors costs a third of a GPU call's host time.
     fused = _engine.fused_stats(grads, names, spec) if group is None else None
@@ -73,6 +77,12 @@ def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0, *, group=Non
         return _grad_stats_across(grads, names, spec, group)
     g, raw, numel = fused or _engine.gather_stats(grads, names, spec, fused_failed=True)
     return _from_raw(names, raw, numel, spec, g.dtype == torch.float64)
+
+
+def _empty(names) -> GradStats:
+    empty_f = torch.zeros(0)
+    empty_i = torch.zeros(0, dtype=torch.int64)
+    return GradStats(names, empty_f, empty_f, empty_i, empty_i, empty_i, torch.tensor(0.0))
 
 
 def _from_raw(names, raw: RawStats, numel: torch.Tensor, spec, has_fp64: bool) -> GradStats:
@@ -128,8 +138,10 @@ def find_nonfinite(parameters: TensorOrTensors) -> list[str]:
 
     Pass ``named_parameters()`` to get names; plain tensors are reported as ``#index`` (the
     position among the parameters that have a gradient). This reads the answer back to the
-    host, so it synchronises with the GPU. For DTensor gradients (FSDP2, tensor parallel) it
-    looks at this rank's part of each.
+    host, so it synchronises with the GPU, and it cannot run inside a ``torch.compile`` graph:
+    there it breaks the graph and runs eagerly (under ``fullgraph=True``, Dynamo raises and
+    says why). For DTensor gradients (FSDP2, tensor parallel) it looks at this rank's part of
+    each.
 
     Example:
         >>> import torch, gradkern as gk
@@ -137,9 +149,18 @@ def find_nonfinite(parameters: TensorOrTensors) -> list[str]:
         >>> gk.find_nonfinite([("layer.weight", p)])
         ['layer.weight']
     """
+    if torch.compiler.is_compiling():
+        return _find_nonfinite_eagerly(parameters)
     grads, names = grads_of(parameters)
     if not grads:
         return []
     g, raw, _ = _engine.gather_stats(distributed.local_parts(grads), names,
                                      parse_norm_type(float("inf")))
     return _engine.nonfinite_names(g, raw.nonfinite)
+
+
+@_compiled.eager_only("gradkern.find_nonfinite returns parameter names, read back from the "
+                      "device, which a torch.compile graph cannot; call it outside the "
+                      "compiled region, or use grad_stats(...).nonfinite inside it")
+def _find_nonfinite_eagerly(parameters) -> list[str]:
+    return find_nonfinite(parameters)
