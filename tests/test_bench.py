@@ -95,3 +95,13 @@ def test_cpu_targets_read_each_row_the_way_round_its_target_names():
     assert "11.00x   met in 1 of 1" in lines["Monitor vs per-parameter hooks, >= 10x less time in hooks"]
     # a run without a row shows "-" and does not count
     assert lines["clip_grad_norm_, GPT-2, clipping, >= 1.0x"].split() == ["-", "met", "in", "0", "of", "0"]
+
+
+def test_fused_step_times_run_every_way():
+    from gradkern.bench import best_times
+    from gradkern.bench_fused_step import fused_step_times
+
+    for amp in (False, True):
+        t = fused_step_times(1, "cpu", 1, best_times, amp=amp)
+        assert set(t) == {"torch_clip", "gradkern", "unclipped", "read"}
+        assert all(v > 0 for v in t.values())
