@@ -1,9 +1,9 @@
-"""Issue 2's CPU targets, read from saved ``gradkern bench --json`` runs.
+"""The CPU targets, read from saved ``gradkern bench --json`` runs.
 
-    python benchmarks/cpu_targets.py benchmarks/results/cpu-2core-session12-run*.json
+    python benchmarks/cpu_targets.py benchmarks/results/cpu-2core-*-run*.json
 
 prints one line per target: its value in each run, and in how many runs it was met. Where a run
-has the ``clip_grad_value_, nothing clamped`` row (session 12 on), the clip-by-value line also
+has the ``clip_grad_value_, nothing clamped`` row, the clip-by-value line also
 gives that run's ceiling: torch's time over a gradkern pass that reads every value and writes
 none, the largest speed-up any one-read-pass clip could show in that run.
 """

@@ -172,11 +172,11 @@ inline V power_term(V a) {
 // ---- reading ahead -------------------------------------------------------------------------
 
 // Both read loops ask for the lines kReadAheadBytes ahead of the block they are on, into L1.
-// On the family-23 EPYC host of session 13 (22-27 GB/s), the hardware prefetcher alone left the
-// clamp's test loop at 20-21 ms over 124M fp32 (2 threads) against 18.7 ms for a plain fp32 sum;
-// 512 B or 1 KiB ahead brought it to 17.6-18.5 ms, and the clamp with 1% outliers from 27.5 to
-// 23.6-24.2 ms (2-4 KiB ahead into L2: no better than none). On the Zen 4 host of earlier
-// sessions, prefetches 512 B-4 KiB ahead changed nothing measurable.
+// On an EPYC of CPU family 23 reading 22-27 GB/s, the hardware prefetcher alone left the clamp's
+// test loop at 20-21 ms over 124M fp32 (2 threads) against 18.7 ms for a plain fp32 sum; 512 B or
+// 1 KiB ahead brought it to 17.6-18.5 ms, and the clamp with 1% outliers from 27.5 to 23.6-24.2 ms
+// (2-4 KiB ahead into L2: no better than none). On a Zen 4, prefetches 512 B-4 KiB ahead changed
+// nothing measurable.
 constexpr std::int64_t kReadAheadBytes = 1024;
 
 template <class Fmt>
@@ -191,7 +191,7 @@ __attribute__((always_inline)) inline void read_ahead(const typename Fmt::storag
 // Narrow formats (fp32, fp16, bf16) add their power terms in fp32 over a run of kRunBlocks
 // blocks, then widen the 16 run sums and add them to the fp64 lanes. Widening every element
 // (four fp32 -> fp64 converts and four fp64 adds per block) held the loop to 3.1 G elements/s per
-// thread on session 13's host (a plain fp32 sum reads 12 G/s in L2); with runs it does 4.7 for
+// thread on that family-23 EPYC (a plain fp32 sum reads 12 G/s in L2); with runs it does 4.7 for
 // p = 2 and 5.9 for p = 1, one fp32 multiply and add per 8 elements. Each run sum is a sum
 // of at most 8 positive terms, each term within 2^-24 of exact, so it is within 8 x 2^-24
 // (4.8e-7) of exact, and so is the total: the norm is within 2.4e-7 (p = 2) or 4.8e-7 (p = 1).
@@ -347,7 +347,7 @@ inline void clamp_block(typename Fmt::storage* x, typename Fmt::mag_t bound) {
 // per block that needs a change, with no branch; the second clamps the flagged blocks, now in
 // L1. Branching per block instead mispredicts on each block with an outlier (~14% of blocks at
 // 1% outliers), and each miss also throws away the loads in flight: on 124M fp32 values with 1%
-// outliers (2 threads, 2-core Zen 4 VM) that loop took 15.5-16.3 ms against 10.7-11.9 ms with
+// outliers (2 threads on a 2-core Zen 4) that loop took 15.5-16.3 ms against 10.7-11.9 ms with
 // none; the two steps take 11.3-12.2 ms. AVX2 masked stores (vpmaskmovd) measured 2x slower
 // still, and storing every block back (torch's single clamp pass) is slower than both.
 template <class Fmt>

@@ -15,7 +15,7 @@ namespace gradkern {
 // make items of similar size. Each body writes only its own outputs, so the result does not
 // depend on which thread ran what.
 // Why not one item at a time: threads taking turns over consecutive 256 KiB chunks read 4 x 64M
-// fp32 at 77-85% of a torch sum over the same memory whenever this VM's memory was fast (~50
+// fp32 at 77-85% of a torch sum over the same memory whenever the host's memory was fast (~50
 // GB/s), against 92-95% with guided runs (equal at ~33 GB/s).
 template <class Body>
 void parallel_for(std::int64_t n, const Body& body) {
@@ -34,7 +34,7 @@ void parallel_for(std::int64_t n, const Body& body) {
 // reads (1 MiB of fp32) in tens of us. Going parallel for it costs more than that: right after
 // a torch op, torch's own OpenMP threads still spin on the same cores, and the stats of a tiny
 // model's 102 gradients (28K elements) took a mean of 334 us with threads against 139 us on the
-// calling thread, with tails of 5 ms against 1 ms for clip_grad_norm_ (2-core VM, builds
+// calling thread, with tails of 5 ms against 1 ms for clip_grad_norm_ (2 cores, builds
 // alternated).
 constexpr std::int64_t kMinParallelRanges = 4;
 

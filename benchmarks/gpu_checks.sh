@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Everything a GPU session checks, in as few device calls as possible (each call starts a
+# Everything to check on a GPU machine, in as few device calls as possible (each call starts a
 # bare machine: batch the work). Run from the repository root on the GPU machine:
 #
-#   bash benchmarks/gpu_session.sh build tests     # compile, then every CUDA test (~minutes)
-#   bash benchmarks/gpu_session.sh bench           # gradkern bench --device cuda + pytest-benchmark
-#   bash benchmarks/gpu_session.sh monitor         # the Monitor's cost on a GPU step, two ways
-#   bash benchmarks/gpu_session.sh suite           # the whole test suite, not only the GPU files
+#   bash benchmarks/gpu_checks.sh build tests     # compile, then every CUDA test (~minutes)
+#   bash benchmarks/gpu_checks.sh bench           # gradkern bench --device cuda + pytest-benchmark
+#   bash benchmarks/gpu_checks.sh monitor         # the Monitor's cost on a GPU step, two ways
+#   bash benchmarks/gpu_checks.sh suite           # the whole test suite, not only the GPU files
 #
 # Logs and JSON go to $OUT when set (the device tool's output folder), else benchmarks/results/.
 # Tests run from outside the checkout so that the installed build, not the gradkern/ source
