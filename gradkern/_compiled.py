@@ -75,13 +75,24 @@ def tensors_of(items: list) -> list[torch.Tensor]:
 
 def stats(tensors: list[torch.Tensor], spec: NormSpec) -> tuple[RawStats, torch.Tensor]:
     """One read pass (the custom op) and the element counts (constants of the graph)."""
-    raw = RawStats(*_ops.tensor_stats(tensors, spec.p))
-    numel = torch.tensor([t.numel() for t in tensors], dtype=torch.int64,
-                         device=raw.zeros.device)
     if spec.p < 0 and not any(t.numel() for t in tensors):
         raise RuntimeError(f"the norm of order {spec.p} of zero elements is undefined (it has "
                            "no identity value); torch raises for it too")
+    raw = RawStats(*_ops.tensor_stats(tensors, spec.p))
+    numel = torch.tensor([t.numel() for t in tensors], dtype=torch.int64,
+                         device=raw.zeros.device)
     return raw, numel
+
+
+def _total(tensors: list[torch.Tensor], norm_type, error_if_nonfinite: bool):
+    """``(raw, numel, spec, total)``: the statistics and the float64 total norm of ``tensors``,
+    with ``error_if_nonfinite``'s check outside the graph."""
+    spec = parse_norm_type(norm_type)
+    raw, numel = stats(tensors, spec)
+    total = _engine.total_norm(raw, numel, spec)
+    if error_if_nonfinite:
+        _raise_if_nonfinite(total, spec, _dtype(tensors))
+    return raw, numel, spec, total
 
 
 def _dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -96,11 +107,7 @@ def get_total_norm(eager, tensors, norm_type, error_if_nonfinite, group) -> torc
         return with_collectives(eager, items, norm_type, error_if_nonfinite, group=group)
     if not tensors:
         return torch.tensor(0.0)
-    spec = parse_norm_type(norm_type)
-    raw, numel = stats(tensors, spec)
-    total = _engine.total_norm(raw, numel, spec)
-    if error_if_nonfinite:
-        _raise_if_nonfinite(total, spec, _dtype(tensors))
+    total = _total(tensors, norm_type, error_if_nonfinite)[3]
     return total.to(_dtype(tensors))
 
 
@@ -116,11 +123,7 @@ def clip_(eager, parameters, max_norm, value, norm_type, per_tensor, error_if_no
                                 group=group)
     if not grads:
         return torch.tensor(0.0)
-    spec = parse_norm_type(norm_type)
-    raw, numel = stats(grads, spec)
-    total = _engine.total_norm(raw, numel, spec)
-    if error_if_nonfinite:
-        _raise_if_nonfinite(total, spec, _dtype(grads))
+    raw, numel, spec, total = _total(grads, norm_type, error_if_nonfinite)
     coef = None
     if max_norm is not None:
         norm = _engine.per_tensor_norms(raw, numel, spec) if per_tensor else total.reshape(1)

@@ -105,16 +105,11 @@ class NonFinite(Detector):
     def _check(self, s: StepStats, layers: LayerMap) -> Event | None:
         bad = s.nonfinite > 0
         any_bad = bool(bad.any())
-        if s.skip_reason == "grad_scaler":
-            self._scaler_streak += 1
-            self._previous_bad = any_bad
-            if self._scaler_streak % self.scaler_patience:
-                return None
-            fire = True
-        else:
-            self._scaler_streak = 0
-            fire = any_bad and (not self._previous_bad or s.skipped)
-            self._previous_bad = any_bad
+        by_scaler = s.skip_reason == "grad_scaler"
+        self._scaler_streak = self._scaler_streak + 1 if by_scaler else 0
+        fire = (self._scaler_streak % self.scaler_patience == 0 if by_scaler else
+                any_bad and (not self._previous_bad or s.skipped))
+        self._previous_bad = any_bad
         if not fire:
             return None
         order = [i for i in reversed(range(len(layers))) if bad[i]]

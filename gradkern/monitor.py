@@ -480,7 +480,7 @@ class Monitor:
             return present
         if fused is not None:
             self._decide_on_device(slot, raw, fused)
-        elif self.skip_nonfinite and self._nonfinite_now(raw):
+        elif self.skip_nonfinite and bool(self._nonfinite_any(raw)):  # a host sync, by request
             state.held = hold_grads(self.optimizer)  # the optimizer skips what has no grad
             self._ring_skipped[slot] |= SKIPPED_NONFINITE
             return present
@@ -504,9 +504,6 @@ class Monitor:
         if self.group is not None:
             dist.all_reduce(bad, group=self.group)
         return bad > 0
-
-    def _nonfinite_now(self, raw: RawStats) -> bool:
-        return bool(self._nonfinite_any(raw))  # the one host sync, by request
 
     def _decide_on_device(self, slot: int, raw: RawStats, fused: FusedStep) -> None:
         """A fused step: skip through ``found_inf`` (combined with GradScaler's), and note on

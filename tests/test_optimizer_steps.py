@@ -45,6 +45,21 @@ def assert_same_params(a, b, tol=TOL):
         torch.testing.assert_close(p, q, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
+def step_beside_torch_clip(ours, opt, ref, ref_opt, steps, max_norm):
+    """Train ``ours`` (its optimizer under a clipping Monitor) and ``ref`` (torch's
+    ``clip_grad_norm_``) on the same batches; the parameters agree after every step, and the
+    fused optimizer holds no attribute the Monitor added."""
+    for step in steps:
+        for model, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            loss_of(model, step, scale=4.0).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        opt.step()
+        ref_opt.step()
+        assert_same_params(ours, ref)
+        assert "grad_scale" not in vars(opt) and "found_inf" not in vars(opt)
+
+
 def assert_bitwise_same(params_before, params_after):
     assert all(torch.equal(x, y) for x, y in zip(params_before, params_after))
 
@@ -112,16 +127,7 @@ def test_fused_optimizer_without_scaler_clip_is_folded(name):
     ours, ref = net(), net()
     opt, ref_opt = FUSED[name](ours.parameters()), FUSED[name](ref.parameters())
     with gk.Monitor(ours, opt, clip=0.5, detectors=None) as mon:
-        for step in range(4):
-            for model, o in ((ours, opt), (ref, ref_opt)):
-                o.zero_grad()
-                loss_of(model, step, scale=4.0).backward()
-            torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
-            opt.step()
-            ref_opt.step()
-            assert_same_params(ours, ref)
-            # what the Monitor added for the step is gone after it
-            assert "grad_scale" not in vars(opt) and "found_inf" not in vars(opt)
+        step_beside_torch_clip(ours, opt, ref, ref_opt, range(4), 0.5)
     assert len(mon.history) == 4
 
 
@@ -492,15 +498,7 @@ def test_a_step_that_raises_leaves_nothing_behind():
             opt.step()
         assert "grad_scale" in vars(opt)  # left by the step that raised
         handle.remove()
-        for step in range(1, 3):
-            for model, o in ((ours, opt), (ref, ref_opt)):
-                o.zero_grad()
-                loss_of(model, step, scale=4.0).backward()
-            torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
-            opt.step()
-            ref_opt.step()
-            assert_same_params(ours, ref)
-            assert "grad_scale" not in vars(opt) and "found_inf" not in vars(opt)
+        step_beside_torch_clip(ours, opt, ref, ref_opt, range(1, 3), 0.5)
     assert mon.steps == 3 and [s.step for s in mon.history] == [0, 1, 2]
     model = plain.param_groups[0]["params"]
     with gk.Monitor(nn.ParameterList(model), plain, skip_nonfinite=True, detectors=None):
