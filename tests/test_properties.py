@@ -2,8 +2,9 @@
 
 import math
 
+import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import gradkern as gk
@@ -23,10 +24,17 @@ class _P:
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # backend is per test
 @given(sizes=_sizes, dtype=_dtypes, p=_norms, seed=st.integers(0, 2**31 - 1),
        scale=st.sampled_from([1e-3, 1.0, 50.0]))
+@example(sizes=[0, 0], dtype=torch.float32, p=-math.inf, seed=0, scale=1.0)  # no elements
 def test_norms_and_stats_match_reference(backend, sizes, dtype, p, seed, scale):
     gen = torch.Generator().manual_seed(seed)
     grads = [(torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype)
              for n in sizes]
+    if p < 0 and sum(sizes) == 0:  # no value, as in torch: both raise
+        with pytest.raises(RuntimeError):
+            reference_norm(grads, p)
+        with pytest.raises(RuntimeError, match="zero elements"):
+            gk.get_total_norm(grads, p)
+        return
     got = gk.get_total_norm(grads, p).double()
     exact = reference_norm(grads, p).to(dtype).double()
     if math.isinf(exact) or exact == 0:
