@@ -27,9 +27,9 @@ import statistics
 
 import torch
 
-from gradkern import clip
-from gradkern.bench import CLAMP_AT, NOTHING_CLAMPED, _device_name, best_times
-from gradkern.scenarios import make_grads, scenarios
+import gradkern as gk
+from gradkern.tools.bench import CLAMP_AT, NOTHING_CLAMPED, device_name, best_times
+from gradkern.tools.scenarios import make_grads, scenarios
 
 
 def measure(rounds: int, device: str) -> list[dict]:
@@ -45,8 +45,8 @@ def measure(rounds: int, device: str) -> list[dict]:
     results = []
     for _ in range(rounds):
         read, gk_clip, torch_one, torch_clip = best_times(
-            [lambda: clip.clip_grad_value_(params, NOTHING_CLAMPED),
-             lambda: clip.clip_grad_value_(params, CLAMP_AT),
+            [lambda: gk.clip_grad_value_(params, NOTHING_CLAMPED),
+             lambda: gk.clip_grad_value_(params, CLAMP_AT),
              lambda: torch._foreach_clamp_min_(grads, -CLAMP_AT),
              lambda: torch.nn.utils.clip_grad_value_(params, CLAMP_AT)],
             3, device, restore)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"command": "python benchmarks/clip_value_ceiling.py "
                        f"--rounds {args.rounds} --device {args.device}",
-                       "device": _device_name(args.device), "torch": torch.__version__,
+                       "device": device_name(args.device), "torch": torch.__version__,
                        "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
                        "rounds": results, "summary": summary}, f, indent=2)
     return 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gradkern as gk
-from gradkern.scenarios import make_grads
+from gradkern.tools.scenarios import make_grads
 
 BACKENDS = {"cpu": ("cpp", "numba"), "cuda": ("cuda", "numba_cuda")}
 SIZES = {"cpu": {"many_small": (10_000, 1000), "large": (4, 16_000_000)},

@@ -36,14 +36,14 @@ from torch import nn
 from torch.autograd import DeviceType
 
 import gradkern as gk
-from gradkern.bench_monitor import _Stopwatch
-from gradkern.cases import _TinyTransformer
+from gradkern.tools.bench_monitor import Stopwatch
+from gradkern.tools.cases import TinyTransformer
 
 BLOCK = 10  # steps per timed block: one log step at log_every=10
 MONITORED = {"log_every=1": 1, "log_every=10": 10}
 
 
-def _timed_hooks(mon: gk.Monitor, opt: torch.optim.Optimizer, watch: _Stopwatch,
+def _timed_hooks(mon: gk.Monitor, opt: torch.optim.Optimizer, watch: Stopwatch,
                  label: str | None = None) -> None:
     """Replaces the Monitor's optimizer hooks by wrappers that time them (and, given a label,
     mark them for the profiler)."""
@@ -80,11 +80,11 @@ def main() -> None:
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    base = _TinyTransformer(vocab=32_000, d=args.d, layers=args.layers, ctx=args.ctx).to(dev)
+    base = TinyTransformer(vocab=32_000, d=args.d, layers=args.layers, ctx=args.ctx).to(dev)
     n_params = sum(p.numel() for p in base.parameters())
     models = {"none": base, **{k: copy.deepcopy(base) for k in MONITORED}}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
-    watches = {k: _Stopwatch() for k in MONITORED}
+    watches = {k: Stopwatch() for k in MONITORED}
     monitors = {k: gk.Monitor(models[k], opts[k], log_every=every)
                 for k, every in MONITORED.items()}
     for k, mon in monitors.items():
@@ -129,7 +129,7 @@ def main() -> None:
         # marked, against the GPU time of a profiled bare block.
         device_share = {}
         for key in MONITORED:
-            _timed_hooks(monitors[key], opts[key], _Stopwatch(), label="gradkern.monitor")
+            _timed_hooks(monitors[key], opts[key], Stopwatch(), label="gradkern.monitor")
         for key in keys:
             sync()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,

@@ -23,8 +23,8 @@ import statistics
 import torch
 
 import gradkern as gk
-from gradkern.bench_monitor import _Stopwatch
-from gradkern.cases import _TinyTransformer
+from gradkern.tools.bench_monitor import Stopwatch
+from gradkern.tools.cases import TinyTransformer
 
 LOG_EVERY = 10
 CONFIGS = {  # name -> Monitor keyword arguments
@@ -41,12 +41,12 @@ class _Run:
 
     def __init__(self, device: str, **monitor_kwargs):
         torch.manual_seed(0)
-        self.model = _TinyTransformer(vocab=64, d=16, layers=8, ctx=8).to(device)
+        self.model = TinyTransformer(vocab=64, d=16, layers=8, ctx=8).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4)
         self.mon = gk.Monitor(self.model, self.opt, log_every=LOG_EVERY, **monitor_kwargs)
         self.opt._optimizer_step_pre_hooks.clear()
         self.opt._optimizer_step_post_hooks.clear()
-        self.watch = _Stopwatch()
+        self.watch = Stopwatch()
         self.opt.register_step_pre_hook(self.watch.wrap(self.mon._pre_step))
         self.opt.register_step_post_hook(self.watch.wrap(self.mon._post_step))
         self.spent: list[float] = []

@@ -8,8 +8,8 @@ Example:
     >>> stats = gk.grad_stats(model.named_parameters())       # per-tensor, on the device
 """
 
-from .backends import backends, get_backend, set_backend
-from .clip import clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from .backends import backends, build_info, get_backend, set_backend
+from .clipping import clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from .clippers import AGC, AutoClip, ClipByNorm, ClipByValue, Clipper, ZClip
 from . import detectors, sinks
 from .events import Event
@@ -29,6 +29,7 @@ __all__ = [
     "Monitor",
     "ZClip",
     "backends",
+    "build_info",
     "clip_",
     "clip_grad_norm_",
     "clip_grad_value_",

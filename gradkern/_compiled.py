@@ -166,3 +166,12 @@ def grad_stats(eager, parameters, norm_type, group):
         return names, None, None, spec, False
     raw, numel = stats(grads, spec)
     return names, raw, numel, spec, any(g.dtype == torch.float64 for g in grads)
+
+
+@eager_only("gradkern.find_nonfinite returns parameter names, read back from the device, which "
+            "a torch.compile graph cannot; call it outside the compiled region, or use "
+            "grad_stats(...).nonfinite inside it")
+def find_nonfinite_eagerly(parameters) -> list[str]:
+    from .stats import find_nonfinite
+
+    return find_nonfinite(parameters)

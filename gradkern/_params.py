@@ -12,12 +12,11 @@ from typing import Union
 
 import torch
 
+from . import _native
 from ._table import reader_arguments
 
-try:  # [p.grad for p in params] in one C loop that prefetches each parameter's metadata
-    from ._cpu import read_grads as _read_grads
-except ImportError:
-    _read_grads = None
+# [p.grad for p in params] in one C loop that prefetches each parameter's metadata
+_read_grads = None if _native.cpu is None else _native.cpu.read_grads
 
 TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
 

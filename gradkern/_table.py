@@ -16,6 +16,8 @@ from operator import attrgetter
 import numpy as np
 import torch
 
+from . import _native
+
 # Codes shared with cpp/include/gradkern/tensor_table.h. Do not renumber.
 DTYPE_CODES: dict[torch.dtype, int] = {
     torch.float32: 0,
@@ -28,22 +30,38 @@ _DTYPES_BY_CODE = tuple(DTYPE_CODES)  # dict order is code order
 
 _get_dtype = attrgetter("dtype")
 
-try:  # the table reader lives in the C++ module; without it the Python path below does the work
-    from . import _cpu
-except ImportError:
-    _cpu = None
+# The table reader lives in the C++ module; without it the Python path below does the work.
+_cpu = _native.cpu
 
-if _cpu is not None:
-    from ._torch_layout import find_cuda_layout, find_layout
-
-    # Where torch keeps each tensor's metadata, and how the C readers get it: see _torch_layout.
-    _LAYOUT, READER = find_layout(_cpu)
-else:
-    _LAYOUT, READER = None, "Python (the C++ module is not built)"
-
-# The same for each CUDA device, found the first time its tensors are read (never at import).
+# Where torch keeps each tensor's metadata, and how the C readers get it (see _torch_layout):
+# probed the first time a table is read, not at import (it builds tensors and runs a backward
+# pass), then kept. For each CUDA device likewise, the first time its tensors are read.
+_LAYOUT: object = None
+_READER: str | None = None
 _CUDA_LAYOUTS: dict[int, object] = {}
-CUDA_READERS: dict[int, str] = {}
+_CUDA_READERS: dict[int, str] = {}
+
+
+def _cpu_layout() -> object:
+    global _LAYOUT, _READER
+    if _READER is None:
+        if _cpu is None:
+            _LAYOUT, _READER = None, "Python (the C++ module is not built)"
+        else:
+            from ._torch_layout import find_layout
+
+            _LAYOUT, _READER = find_layout(_cpu)
+    return _LAYOUT
+
+
+def reader_report(device: torch.device | None = None) -> str:
+    """One line saying how table rows of ``device``'s tensors (default: CPU) are read: directly
+    from torch's memory, or through its getters, and why. Probes on first use."""
+    reader_arguments(device)
+    if device is None or device.type != "cuda" or _cpu is None:
+        return _READER
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _CUDA_READERS.get(index, _READER)
 
 
 def describe(i: int, names: Sequence[str] | None) -> str:
@@ -175,8 +193,9 @@ def reader_arguments(device: torch.device | None = None) -> tuple[type, tuple[to
     """What the C table readers take to recognise a plain tensor: the tensor type, the dtypes in
     code order, and the ``_cpu.TorchLayout`` they prefetch through and read rows with: the CPU
     one, or for a CUDA ``device`` that device's (see ``_torch_layout.find_cuda_layout``)."""
-    if device is None or device.type != "cuda" or _LAYOUT is None:
-        return torch.Tensor, _DTYPES_BY_CODE, _LAYOUT
+    layout = _LAYOUT if _READER is not None else _cpu_layout()
+    if device is None or device.type != "cuda" or layout is None:
+        return torch.Tensor, _DTYPES_BY_CODE, layout
     index = torch.cuda.current_device() if device.index is None else device.index
     layout = _CUDA_LAYOUTS.get(index)
     if layout is None:
@@ -184,8 +203,10 @@ def reader_arguments(device: torch.device | None = None) -> tuple[type, tuple[to
             # The probe launches work of its own, which must not land in the caller's graph:
             # this call reads its rows through the getters, and a later one probes.
             return torch.Tensor, _DTYPES_BY_CODE, _LAYOUT
+        from ._torch_layout import find_cuda_layout
+
         with torch.cuda.device(index):
-            layout, CUDA_READERS[index] = find_cuda_layout(_LAYOUT, index)
+            layout, _CUDA_READERS[index] = find_cuda_layout(_LAYOUT, index)
         _CUDA_LAYOUTS[index] = layout
     return torch.Tensor, _DTYPES_BY_CODE, layout
 

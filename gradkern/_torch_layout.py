@@ -1,4 +1,4 @@
-"""Where this torch keeps a CPU tensor's table row, found by probing when gradkern is imported.
+"""Where this torch keeps a CPU tensor's table row, found by probing on first use.
 
 The C table reader (``src/python_tensor_table.h``) needs each tensor's data pointer, element
 count, dtype and contiguity. torch's getters cost about 45 ns each, five per tensor, which for
@@ -47,7 +47,16 @@ def find_layout(cpu_module) -> tuple[object, str]:
     """``(layout, report)``: a ``_cpu.TorchLayout`` for ``torch.Tensor`` and one line saying how
     table rows are read. The layout always knows where a tensor object keeps its TensorImpl when
     that can be found (for prefetching); it reads CPU rows directly only when every step above
-    succeeded."""
+    succeeded.
+
+    It runs at the first table read, which may be inside ``torch.no_grad()``, inference mode
+    or a default-device context: the probe sets up the state it needs (a backward pass on CPU
+    tensors) whatever the caller's is."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.device("cpu"):
+        return _find_layout(cpu_module)
+
+
+def _find_layout(cpu_module) -> tuple[object, str]:
     probe = torch.empty(1)
     try:
         impl = cpu_module.find_impl_offset(probe, int(probe._cdata))
@@ -62,10 +71,10 @@ def find_layout(cpu_module) -> tuple[object, str]:
         fields = _locate_fields()
         layout = cpu_module.TorchLayout(torch.Tensor, impl, fields)
         _check(layout)
-    except Exception as exc:  # whatever went wrong, the getters stay in charge: import never fails
+    except Exception as exc:  # whatever went wrong, the getters stay in charge: no call fails
         return prefetch_only, f"torch's getters (direct reads off: {exc})"
     return layout, (f"direct from torch {torch.__version__}'s TensorImpl, layout found and "
-                    "checked at import")
+                    "checked on first use")
 
 
 def _usable_size() -> Callable[[int], int]:

@@ -3,7 +3,7 @@
 Detectors run on the host, on the statistics the Monitor copies back every ``log_every`` steps,
 one step at a time and in step order. Each keeps a little state (moving averages, streaks) and
 returns the events of that step. Every threshold is a constructor argument; the defaults are
-calibrated on the classic cases in :mod:`gradkern.cases` (which must fire) and on healthy
+calibrated on the classic cases in :mod:`gradkern.tools.cases` (which must fire) and on healthy
 networks (which must stay silent); see tests/test_detectors.py.
 """
 
@@ -137,7 +137,7 @@ class Exploding(Detector):
     The default ``rise`` leaves room for noise: a converged classifier's gradient norm is small
     and jumpy, and in healthy runs two steps of 3x growth reached up to ~25x the median. An
     explosion passes 100x within its first steps (the uniform(4, 5) ReLU regression in
-    :mod:`gradkern.cases`: 1e5x at its third step, two steps before the first NaN)."""
+    :mod:`gradkern.tools.cases`: 1e5x at its third step, two steps before the first NaN)."""
 
     kind = "exploding"
 

@@ -27,6 +27,7 @@ Example (two processes with a gloo group, each holding half of the gradients)::
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -202,24 +203,29 @@ def reduce_per_tensor(raw: RawStats | None, numel: torch.Tensor | None, n: int,
 # ---- DTensor gradients (FSDP2 fully_shard, tensor parallel) -----------------------------------
 
 def _dtensor_class():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return None
-    return DTensor
+    """torch's DTensor class once its module is loaded, else None. Until something imports
+    ``torch.distributed.tensor`` no DTensor can exist, so gradkern does not import it (that
+    costs ~0.7 s, most of ``import gradkern``): it looks the module up instead."""
+    global _DTENSOR
+    if _DTENSOR is None:
+        api = sys.modules.get("torch.distributed.tensor._api")
+        _DTENSOR = None if api is None else getattr(api, "DTensor", None)
+    return _DTENSOR
 
 
-_DTENSOR = _dtensor_class()
+_DTENSOR = None
 
 
 def is_dtensor(t) -> bool:
-    return _DTENSOR is not None and isinstance(t, _DTENSOR)
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def any_dtensor(tensors: list) -> bool:
     """Whether any of ``tensors`` is a DTensor: one check per distinct type, not per tensor
     (10,000 isinstance calls cost more than the C loop that reads the table)."""
-    return _DTENSOR is not None and any(issubclass(t, _DTENSOR) for t in set(map(type, tensors)))
+    cls = _dtensor_class()
+    return cls is not None and any(issubclass(t, cls) for t in set(map(type, tensors)))
 
 
 def dtensor_local(t) -> torch.Tensor:
@@ -311,10 +317,6 @@ def _splits(placement) -> bool:
     return not (placement.is_replicate() or placement.is_partial())
 
 
-def dtensor_key(t) -> tuple:
-    return (id(t.device_mesh), tuple(str(p) for p in t.placements))
-
-
 def combine_totals(parts: list[Totals]) -> Totals:
     """Totals of disjoint sets, already reduced each: add sums, max the maxima, min the minima."""
     first = parts[0]
@@ -333,8 +335,8 @@ def combine_totals(parts: list[Totals]) -> Totals:
     return out
 
 
-def reduction_sets(tensors: list, group) -> list[tuple[list[int], list, bool]]:
-    """Split a gradient list into sets reduced the same way: ``(indices, groups, has_dtensor)``.
+def reduction_sets(tensors: list, group) -> list[tuple[list[int], list]]:
+    """Split a gradient list into sets reduced the same way: ``(indices, groups)``.
 
     Tensors are keyed by the process groups their statistics must be summed over: a DTensor's
     sharded mesh dimensions (Shard(0) and Shard(1) on the same mesh share one set; replicated
@@ -348,6 +350,5 @@ def reduction_sets(tensors: list, group) -> list[tuple[list[int], list, bool]]:
         key = tuple(id(g) for g in groups)
         sets.setdefault(key, ([], groups))[0].append(i)
     if not sets:
-        return [([], [] if group is None else [group], False)]
-    return [(idx, groups, any(is_dtensor(tensors[i]) for i in idx))
-            for idx, groups in sets.values()]
+        return [([], [] if group is None else [group])]
+    return list(sets.values())

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _compiled, _engine, distributed
+from . import _engine, distributed
 from .backends import RawStats
 from ._norm_spec import parse_norm_type
 from ._params import TensorOrTensors, grads_of
@@ -61,6 +61,7 @@ def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0, *, group=Non
         (['weight', 'bias'], [3, 1], [0, 0])
     """
     if torch.compiler.is_compiling():
+        from . import _compiled  # loaded with Dynamo, not by import gradkern
         found = _compiled.grad_stats(grad_stats, parameters, norm_type, group)
         if isinstance(found, GradStats):  # (computed outside the graph)
             return found
@@ -105,7 +106,7 @@ def _grad_stats_across(grads, names, spec, group) -> GradStats:
     work = distributed.reduction_sets(grads, group)
     n = len(grads)
     pieces = []
-    for idx, groups, _ in work:
+    for idx, groups in work:
         items = [distributed.dtensor_local(grads[i]) if distributed.is_dtensor(grads[i])
                  else grads[i] for i in idx]
         g, raw, numel, error = distributed.local_stats(items, None, spec)
@@ -150,17 +151,11 @@ def find_nonfinite(parameters: TensorOrTensors) -> list[str]:
         ['layer.weight']
     """
     if torch.compiler.is_compiling():
-        return _find_nonfinite_eagerly(parameters)
+        from . import _compiled  # loaded with Dynamo, not by import gradkern
+        return _compiled.find_nonfinite_eagerly(parameters)
     grads, names = grads_of(parameters)
     if not grads:
         return []
     g, raw, _ = _engine.gather_stats(distributed.local_parts(grads), names,
                                      parse_norm_type(float("inf")))
     return _engine.nonfinite_names(g, raw.nonfinite)
-
-
-@_compiled.eager_only("gradkern.find_nonfinite returns parameter names, read back from the "
-                      "device, which a torch.compile graph cannot; call it outside the "
-                      "compiled region, or use grad_stats(...).nonfinite inside it")
-def _find_nonfinite_eagerly(parameters) -> list[str]:
-    return find_nonfinite(parameters)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gradkern as gk
-from conftest import required_backends
+from helpers import required_backends
 
 
 def test_backends_report_every_backend():

@@ -4,8 +4,8 @@ import math
 
 import torch
 
-from gradkern.bench import LimitPasses
-from gradkern.scenarios import make_grads, scenarios
+from gradkern.tools.bench import LimitPasses
+from gradkern.tools.scenarios import make_grads, scenarios
 
 
 def test_gpu_scenarios_are_the_issue_sizes():
@@ -98,8 +98,8 @@ def test_cpu_targets_read_each_row_the_way_round_its_target_names():
 
 
 def test_fused_step_times_run_every_way():
-    from gradkern.bench import best_times
-    from gradkern.bench_fused_step import fused_step_times
+    from gradkern.tools.bench import best_times
+    from gradkern.tools.bench_fused_step import fused_step_times
 
     for amp in (False, True):
         t = fused_step_times(1, "cpu", 1, best_times, amp=amp)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gradkern as gk
-from conftest import reference_norm, ulp_tolerance, use_backend
+from helpers import reference_norm, ulp_tolerance, use_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -200,7 +200,7 @@ def test_cuda_rows_are_read_directly_as_torchs_getters_say():
         layout = _table.reader_arguments(device)[2]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert layout.direct and layout.device_at >= 0, _table.CUDA_READERS[device.index]
+    assert layout.direct and layout.device_at >= 0, _table.reader_report(device)
     base = torch.randn(10_000, device=device)
     tensors = [base, base[123:], base[:0], torch.zeros((), device=device)]
     tensors += [base.to(dtype)[7:] for dtype in DTYPES]

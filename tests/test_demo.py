@@ -5,14 +5,14 @@ import os
 import pytest
 
 import gradkern as gk
-from gradkern.cases import CASES, train
+from gradkern.tools.cases import CASES, train
 
 pytest.importorskip("matplotlib")
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from gradkern.demo import run_demo
+    from gradkern.tools.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
     return out, {(r.scenario, r.remedy): r for r in run_demo(str(out), quick=True)}
@@ -49,7 +49,7 @@ def test_demo_verdicts(demo):
 
 
 def test_report_command_on_a_monitor_jsonl(tmp_path):
-    from gradkern.cli import main
+    from gradkern.tools.cli import main
 
     path = tmp_path / "run.jsonl"
     train(CASES["relu_regression_uniform_4_5"](), 12, log_every=4, sinks=[gk.sinks.JSONL(path)])

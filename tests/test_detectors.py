@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gradkern as gk
-from gradkern.cases import CASES, train
+from gradkern.tools.cases import CASES, train
 from gradkern.detectors import Exploding, NonFinite, Spike, StepStats, Vanishing
 from gradkern.layers import LayerMap
 

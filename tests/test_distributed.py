@@ -18,7 +18,7 @@ from torch import nn
 
 import gradkern as gk
 from gradkern.distributed import RemoteError
-from conftest import NARROW_INPUT_RTOL
+from helpers import NARROW_INPUT_RTOL
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gradkern as gk
-from conftest import make_params, reference_norm
+from helpers import make_params, reference_norm
 
 
 def test_no_grads_gives_zero(backend):

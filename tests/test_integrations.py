@@ -254,7 +254,7 @@ def test_use_gradkern_on_a_plain_accelerator():
 # ---- trackers ----------------------------------------------------------------------------------
 
 def _sick_run(sinks, steps=8, log_every=4):
-    from gradkern.cases import CASES, train
+    from gradkern.tools.cases import CASES, train
 
     return train(CASES["relu_regression_uniform_4_5"](), steps, log_every=log_every,
                  sinks=sinks)

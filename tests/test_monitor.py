@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import gradkern as gk
-from gradkern.cases import CASES, train
+from gradkern.tools.cases import CASES, train
 
 
 def mlp():
@@ -253,7 +253,7 @@ def test_sinks_get_records_and_events(tmp_path):
 
 _KILLED_SCRIPT = """
 import os, signal, torch, gradkern as gk
-from gradkern.cases import CASES
+from gradkern.tools.cases import CASES
 case = CASES["small_resnet"]()
 mon = gk.Monitor(case.model, case.optimizer, log_every=2, sinks=[gk.sinks.JSONL({path!r})])
 for step in range(100):

@@ -9,7 +9,7 @@ from torch.nn.utils import clip_grad_norm_ as torch_clip_grad_norm_
 from torch.nn.utils import clip_grad_value_ as torch_clip_grad_value_
 
 import gradkern as gk
-from conftest import (DTYPES, NARROW_INPUT_RTOL, NORM_TYPES, make_params, reference_norm,
+from helpers import (DTYPES, NARROW_INPUT_RTOL, NORM_TYPES, make_params, reference_norm,
                       ulp_tolerance)
 
 SHAPES = [(0,), (), (1,), (7,), (33, 5), (70_001,), (3, 65_536)]

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import gradkern as gk
-from conftest import reference_norm, ulp_tolerance
+from helpers import reference_norm, ulp_tolerance
 
 _dtypes = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16])
 _sizes = st.lists(st.integers(min_value=0, max_value=70_000), min_size=1, max_size=6)

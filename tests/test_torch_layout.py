@@ -29,8 +29,8 @@ def direct_reads_wanted() -> bool:
 def test_the_layout_of_this_torch_is_found_and_direct_reads_are_on():
     from gradkern import _table
 
-    assert layout().direct, _table.READER
-    assert _table.READER.startswith("direct")
+    assert layout().direct, _table.reader_report()
+    assert _table.reader_report().startswith("direct")
 
 
 def _plain_tensors():
@@ -153,7 +153,7 @@ def test_the_import_check_rejects_a_layout_with_any_field_wrong(field):
 
 def test_GRADKERN_DIRECT_READ_0_leaves_the_rows_to_torchs_getters(tmp_path):
     code = ("import torch, gradkern as gk; from gradkern import _table; "
-            "print(_table.READER); print(_table.reader_arguments()[2].direct); "
+            "print(_table.reader_report()); print(_table.reader_arguments()[2].direct); "
             "print(float(gk.get_total_norm([torch.ones(4), torch.ones(5)]) ** 2))")
     env = dict(os.environ, GRADKERN_DIRECT_READ="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -165,9 +165,9 @@ def test_GRADKERN_DIRECT_READ_0_leaves_the_rows_to_torchs_getters(tmp_path):
 
 def test_the_reader_in_use_is_reported_by_info():
     from gradkern import _table
-    from gradkern.info import build_report
+    from gradkern.tools.info import build_report
 
-    assert build_report()["table_reader"] == _table.READER
+    assert build_report()["table_reader"] == _table.reader_report()
 
 
 def test_any_failure_of_the_probe_leaves_the_getters_in_charge(monkeypatch):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gradkern as gk
-from conftest import make_params
+from helpers import make_params
 
 
 def _snapshot(params):

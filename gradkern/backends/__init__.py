@@ -15,8 +15,8 @@ import torch
 
 from .base import Backend, RawStats
 
-__all__ = ["Backend", "BackendInfo", "RawStats", "backends", "set_backend", "get_backend",
-           "backend_for"]
+__all__ = ["Backend", "BackendInfo", "RawStats", "backends", "build_info", "set_backend",
+           "get_backend", "backend_for"]
 
 _ORDER = {"cpu": ("cpp", "numba", "torch"), "cuda": ("cuda", "numba_cuda", "torch")}
 _NAMES = ("cpp", "cuda", "numba", "numba_cuda", "torch")
@@ -30,49 +30,47 @@ class BackendInfo:
         compiled: its code is present in this installation (extension built, package importable).
         usable: it can run on this machine now.
         reason: why it is not usable ('' when it is).
-        devices: device types it serves.
     """
 
     compiled: bool
     usable: bool
     reason: str
-    devices: tuple[str, ...]
 
 
 def _probe(name: str) -> tuple[BackendInfo, Backend | None]:
     if name == "torch":
         from .reference import TorchBackend
 
-        return BackendInfo(True, True, "", ("cpu", "cuda", "other")), TorchBackend()
+        return BackendInfo(True, True, ""), TorchBackend()
     if name == "cpp":
         from . import cpp
 
         if cpp.IMPORT_ERROR:
-            return BackendInfo(False, False, cpp.IMPORT_ERROR, ("cpu",)), None
-        return BackendInfo(True, True, "", ("cpu",)), cpp.CppBackend()
+            return BackendInfo(False, False, cpp.IMPORT_ERROR), None
+        return BackendInfo(True, True, ""), cpp.CppBackend()
     if name == "numba":
         try:
             from .numba_cpu import NumbaBackend
 
-            return BackendInfo(True, True, "", ("cpu",)), NumbaBackend()
+            return BackendInfo(True, True, ""), NumbaBackend()
         except Exception as exc:  # numba missing, or an llvmlite/numpy mismatch
-            return BackendInfo(False, False, f"numba did not import: {exc}", ("cpu",)), None
+            return BackendInfo(False, False, f"numba did not import: {exc}"), None
     if name == "cuda":
         from . import cuda
 
         if cuda.IMPORT_ERROR:
-            return BackendInfo(False, False, cuda.IMPORT_ERROR, ("cuda",)), None
+            return BackendInfo(False, False, cuda.IMPORT_ERROR), None
         info = cuda.runtime_info()
         if not cuda.KERNELS_READY:
             why = "the CUDA module is built without its kernels (rebuild gradkern)"
-            return BackendInfo(True, False, why, ("cuda",)), None
+            return BackendInfo(True, False, why), None
         if info["device_count"] == 0:
             why = f"no CUDA device: {info['error'] or 'none found'}"
-            return BackendInfo(True, False, why, ("cuda",)), None
+            return BackendInfo(True, False, why), None
         if not torch.cuda.is_available():
             why = "torch has no CUDA support here (CPU build of torch, or no driver)"
-            return BackendInfo(True, False, why, ("cuda",)), None
-        return BackendInfo(True, True, "", ("cuda",)), cuda.CudaBackend()
+            return BackendInfo(True, False, why), None
+        return BackendInfo(True, True, ""), cuda.CudaBackend()
     if name == "numba_cuda":
         return _probe_numba_cuda()
     raise ValueError(f"unknown backend {name!r}; choose from {', '.join(_NAMES)}")
@@ -82,10 +80,10 @@ def _probe_numba_cuda() -> tuple[BackendInfo, Backend | None]:
     try:
         from numba import cuda as numba_cuda
     except Exception as exc:  # numba missing, or its CUDA target broken
-        return BackendInfo(False, False, f"numba.cuda did not import: {exc}", ("cuda",)), None
+        return BackendInfo(False, False, f"numba.cuda did not import: {exc}"), None
     if not torch.cuda.is_available():
         why = "torch has no CUDA support here (CPU build of torch, or no driver)"
-        return BackendInfo(True, False, why, ("cuda",)), None
+        return BackendInfo(True, False, why), None
     try:
         available = numba_cuda.is_available()
     except Exception as exc:  # a driver numba cannot load
@@ -93,18 +91,17 @@ def _probe_numba_cuda() -> tuple[BackendInfo, Backend | None]:
     else:
         why = "numba.cuda finds no usable GPU or driver (see numba -s)"
     if not available:
-        return BackendInfo(True, False, why, ("cuda",)), None
+        return BackendInfo(True, False, why), None
     try:
         from .numba_cuda import NumbaCudaBackend
 
         backend = NumbaCudaBackend()
     except Exception as exc:  # e.g. an llvmlite that cannot lower the kernels' intrinsics
-        return BackendInfo(True, False, f"numba-cuda kernels did not load: {exc}", ("cuda",)), \
-            None
+        return BackendInfo(True, False, f"numba-cuda kernels did not load: {exc}"), None
     why = numba_cuda_compile_error(numba_cuda)
     if why:
-        return BackendInfo(True, False, why, ("cuda",)), None
-    return BackendInfo(True, True, "", ("cuda",)), backend
+        return BackendInfo(True, False, why), None
+    return BackendInfo(True, True, ""), backend
 
 
 def numba_cuda_compile_error(numba_cuda) -> str:
@@ -205,6 +202,37 @@ def backend_for(device: torch.device) -> Backend:
             _dispatch_cache[key] = impl
             return impl
     raise RuntimeError(f"no usable backend for {key} tensors")  # unreachable: torch always works
+
+
+def build_info(device: torch.device | str | None = None) -> dict:
+    """What was compiled into this installation, and how tensor tables are read here.
+
+    Keys: ``cpu_build`` (compiler, flags, OpenMP, SIMD levels of the C++ module; None when it
+    is not built), ``cuda_build`` (CUDA runtime, architectures, devices; None when not built),
+    ``table_reader`` (how a CPU tensor's table row is read: directly from torch's memory or
+    through its getters, and why) and ``cuda_table_reader`` (the same for ``device``'s GPU,
+    default the current one; None without a GPU). Finding out how rows are read probes torch
+    with a few tensors, once per device.
+
+    Example:
+        >>> import gradkern as gk
+        >>> sorted(gk.build_info())
+        ['cpu_build', 'cuda_build', 'cuda_table_reader', 'table_reader']
+    """
+    from .. import _native, _table
+    from .cuda import runtime_info
+
+    cuda_device = None
+    if torch.cuda.is_available() and _native.cpu is not None:
+        cuda_device = torch.device(device if device is not None else "cuda")
+        if cuda_device.type != "cuda":
+            cuda_device = torch.device("cuda")
+    return {
+        "cpu_build": None if _native.cpu is None else dict(_native.cpu.build_info()),
+        "cuda_build": runtime_info(),
+        "table_reader": _table.reader_report(),
+        "cuda_table_reader": None if cuda_device is None else _table.reader_report(cuda_device),
+    }
 
 
 def _init_from_env() -> None:

@@ -48,10 +48,6 @@ class Backend(Protocol):
 
     name: str
 
-    def supports(self, device: torch.device) -> bool:
-        """Whether this backend runs on tensors of ``device``."""
-        ...
-
     def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
         """One read pass over every tensor."""
         ...

@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from .. import _native
 from .._norm_spec import NormSpec
 from .._table import WorkSet, reader_arguments
 from .base import RawStats, empty_stats
 
-try:
-    from .. import _cpu
-except ImportError as exc:
-    _cpu = None
-    IMPORT_ERROR: str | None = f"gradkern._cpu did not import: {exc}"
-else:
-    IMPORT_ERROR = None
+_cpu, IMPORT_ERROR = _native.cpu, _native.CPU_ERROR
 
 
 class CppBackend:
     name = "cpp"
-
-    def supports(self, device: torch.device) -> bool:
-        return device.type == "cpu"
 
     def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
         out = empty_stats(ws.size)

@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from .. import _native
 from .._norm_spec import NormSpec
 from .._table import WorkSet
 from ._device_table import (DeviceTableCache, current_stream_handle, device_guard, device_of,
                             multiprocessors)
 from .base import RawStats, empty_stats
 
-try:
-    from .. import _cuda
-except ImportError as exc:
-    _cuda = None
-    IMPORT_ERROR: str | None = f"gradkern._cuda is not in this build ({exc})"
-else:
-    IMPORT_ERROR = None
+_cuda, IMPORT_ERROR = _native.cuda()
 
 KERNELS_READY = _cuda is not None and hasattr(_cuda, "tensor_stats")
 
@@ -39,9 +34,6 @@ class CudaBackend:
 
     def __init__(self) -> None:
         self._tables = DeviceTableCache()
-
-    def supports(self, device: torch.device) -> bool:
-        return device.type == "cuda"
 
     def _handles(self, ws: WorkSet, device: torch.device) -> tuple[tuple, int]:
         """The table as the module takes it (device addresses and sizes), and its chunk count."""

@@ -24,9 +24,6 @@ class NumbaBackend:
 
         self._kernels = _numba_kernels
 
-    def supports(self, device: torch.device) -> bool:
-        return device.type == "cpu"
-
     def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
         data, numel, codes = ws.table()
         chunk_tensor, chunk_begin, first_chunk = chunk_plan(numel)

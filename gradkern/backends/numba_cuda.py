@@ -17,8 +17,8 @@ import torch
 
 from .._norm_spec import NormSpec
 from .._table import WorkSet
-from ._device_table import (DeviceTable, DeviceTableCache, device_of, multiprocessors,
-                            to_device_async)
+from ._device_table import (DeviceTable, DeviceTableCache, current_stream_handle, device_of,
+                            multiprocessors, to_device_async)
 from ._clip_bounds import clip_bounds
 from .base import RawStats, empty_stats
 
@@ -51,9 +51,6 @@ class NumbaCudaBackend:
         self._ones: dict[torch.device, torch.Tensor] = {}
         self._bounds: dict[tuple[torch.device, float], tuple] = {}
 
-    def supports(self, device: torch.device) -> bool:
-        return device.type == "cuda"
-
     # -- plumbing ----------------------------------------------------------------------------
 
     def _arrays(self, table: DeviceTable) -> tuple:
@@ -67,7 +64,7 @@ class NumbaCudaBackend:
         return arrays
 
     def _stream(self, device: torch.device):
-        handle = torch.cuda.current_stream(device).cuda_stream
+        handle = current_stream_handle(device)
         stream = self._streams.get(handle)
         if stream is None:
             stream = self._cuda.external_stream(handle)

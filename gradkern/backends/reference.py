@@ -16,9 +16,6 @@ from .base import RawStats
 class TorchBackend:
     name = "torch"
 
-    def supports(self, device: torch.device) -> bool:
-        return True
-
     def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
         device = ws.work[0].device
         f64 = dict(dtype=torch.float64, device=device)

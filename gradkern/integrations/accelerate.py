@@ -23,7 +23,7 @@ except ImportError as exc:  # an optional extra
     raise ImportError("gradkern.integrations.accelerate needs Accelerate: pip install "
                       "accelerate (or gradkern[accelerate])") from exc
 
-from .. import clip, distributed
+from .. import clipping, distributed
 
 __all__ = ["use_gradkern"]
 
@@ -55,14 +55,14 @@ def use_gradkern(accelerator: accelerate.Accelerator) -> accelerate.Accelerator:
         if its_own():
             return own_norm(parameters, max_norm, norm_type)
         accelerator.unscale_gradients()
-        total = clip.clip_grad_norm_(list(parameters), max_norm, norm_type)
+        total = clipping.clip_grad_norm_(list(parameters), max_norm, norm_type)
         return total.full_tensor() if distributed.is_dtensor(total) else total
 
     def clip_grad_value_(parameters, clip_value):
         if its_own():
             return own_value(parameters, clip_value)
         accelerator.unscale_gradients()
-        clip.clip_grad_value_(list(parameters), clip_value)
+        clipping.clip_grad_value_(list(parameters), clip_value)
 
     clip_grad_norm_.__doc__ = own_norm.__doc__
     clip_grad_value_.__doc__ = own_value.__doc__

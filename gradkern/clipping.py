@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _compiled, _engine, distributed
+from . import _engine, distributed
 from ._norm_spec import NormSpec, parse_norm_type
 from ._table import result_dtype
 from ._params import TensorOrTensors, check_bound, grads_of, split_names
@@ -107,7 +107,7 @@ def _dtensor_norms(tensors, names, spec: NormSpec, error_if_nonfinite: bool, gro
         distributed.refuse_partial(tensors, "clip_")
     parts, gathered, set_norms = [], [], []
     work = distributed.reduction_sets(tensors, group)
-    for idx, groups, _ in work:
+    for idx, groups in work:
         subset = [tensors[i] for i in idx]
         sub_names = None if names is None else [names[i] for i in idx]
         items = distributed.local_parts(subset)
@@ -189,6 +189,7 @@ def get_total_norm(
         tensor(5.)
     """
     if torch.compiler.is_compiling():
+        from . import _compiled  # loaded with Dynamo, not by import gradkern
         return _compiled.get_total_norm(get_total_norm, tensors, norm_type, error_if_nonfinite,
                                         group)
     spec = parse_norm_type(norm_type)
@@ -249,6 +250,7 @@ def clip_grads_with_norm_(
     """
     max_norm = check_bound(max_norm, "max_norm")
     if torch.compiler.is_compiling():
+        from . import _compiled  # loaded with Dynamo, not by import gradkern
         return _compiled.clip_grads_with_norm_(clip_grads_with_norm_, parameters, max_norm,
                                                total_norm)
     if distributed.is_dtensor(total_norm):  # torch's get_total_norm over DTensor gradients
@@ -337,6 +339,7 @@ def clip_grad_norm_(
     """
     max_norm = check_bound(max_norm, "max_norm")
     if torch.compiler.is_compiling():
+        from . import _compiled  # loaded with Dynamo, not by import gradkern
         return _compiled.clip_(clip_, parameters, max_norm, None, norm_type, False,
                                error_if_nonfinite, group)
     spec = parse_norm_type(norm_type)
@@ -377,6 +380,7 @@ def clip_grad_value_(
     """
     clip_value = check_bound(clip_value, "clip_value")
     if torch.compiler.is_compiling():
+        from . import _compiled  # loaded with Dynamo, not by import gradkern
         return _compiled.clip_grad_value_(clip_grad_value_, parameters, clip_value)
     grads, names = grads_of(parameters)
     if not grads:
@@ -441,6 +445,7 @@ def clip_(
     max_norm = None if max_norm is None else check_bound(max_norm, "max_norm")
     value_bound = float("inf") if value is None else check_bound(value, "value")
     if torch.compiler.is_compiling():
+        from . import _compiled  # loaded with Dynamo, not by import gradkern
         return _compiled.clip_(clip_, parameters, max_norm, value, norm_type, per_tensor,
                                error_if_nonfinite, group)
     spec = parse_norm_type(norm_type)

@@ -6,35 +6,20 @@ import platform
 
 import torch
 
-from . import __version__, _table
-from .backends import backends, cpp, cuda
+import gradkern as gk
 
 
 def build_report() -> dict:
-    """The build and backend facts as a dict (also used in benchmark JSON)."""
-    report: dict = {
-        "gradkern": __version__,
+    """The versions, build and backend facts as a dict (also stored in benchmark JSON)."""
+    return {
+        "gradkern": gk.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "machine": platform.machine(),
-        "cpu_build": None if cpp._cpu is None else dict(cpp._cpu.build_info()),
-        "cuda_build": cuda.runtime_info(),
-        "table_reader": _table.READER,
-        "cuda_table_reader": _cuda_table_reader(),
-        "backends": {name: vars(info) for name, info in backends().items()},
+        **gk.build_info(),
+        "backends": {name: vars(info) for name, info in gk.backends().items()},
     }
-    return report
-
-
-def _cuda_table_reader() -> str | None:
-    """How the rows of the current GPU's tensors are read, or None without a GPU (finding out
-    makes a few tensors on it)."""
-    if _table._cpu is None or not torch.cuda.is_available():
-        return None
-    index = torch.cuda.current_device()
-    _table.reader_arguments(torch.device("cuda", index))
-    return _table.CUDA_READERS[index]
 
 
 def print_info() -> None:

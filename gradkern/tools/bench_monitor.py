@@ -23,16 +23,17 @@ import time
 import torch
 from torch import nn
 
-from .cases import _TinyTransformer
-from .monitor import Monitor
+from gradkern import Monitor
+
+from .cases import TinyTransformer
 
 
 def _model(device: str) -> nn.Module:
     torch.manual_seed(0)
-    return _TinyTransformer(vocab=8192, d=256, layers=8, ctx=64).to(device)
+    return TinyTransformer(vocab=8192, d=256, layers=8, ctx=64).to(device)
 
 
-class _Stopwatch:
+class Stopwatch:
     """Sums the time spent inside the functions it wraps."""
 
     def __init__(self):
@@ -48,7 +49,7 @@ class _Stopwatch:
         return timed
 
 
-def _hook_recipe(model: nn.Module, watch: _Stopwatch) -> list:
+def _hook_recipe(model: nn.Module, watch: Stopwatch) -> list:
     """Per-parameter gradient hooks with host reads, as hand-written logging does it."""
     log: dict[str, tuple] = {}
     handles = []
@@ -67,7 +68,7 @@ LOG_EVERY = 10
 WARMUP = 2 * LOG_EVERY
 
 
-def _timed_monitor(model: nn.Module, opt: torch.optim.Optimizer, watch: _Stopwatch) -> Monitor:
+def _timed_monitor(model: nn.Module, opt: torch.optim.Optimizer, watch: Stopwatch) -> Monitor:
     monitor = Monitor(model, opt, log_every=LOG_EVERY)
     for h in monitor._hooks:  # re-register the same hooks, timed
         h.remove()
@@ -81,7 +82,7 @@ def monitor_overhead(device: str = "cpu", steps: int = 40, batch: int = 8) -> li
     n_params = sum(p.numel() for p in base.parameters())
     models = {"none": base, "gradkern": copy.deepcopy(base), "hooks": copy.deepcopy(base)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
-    watches = {"gradkern": _Stopwatch(), "hooks": _Stopwatch()}
+    watches = {"gradkern": Stopwatch(), "hooks": Stopwatch()}
     monitor = _timed_monitor(models["gradkern"], opts["gradkern"], watches["gradkern"])
     handles = _hook_recipe(models["hooks"], watches["hooks"])
     gen = torch.Generator().manual_seed(0)

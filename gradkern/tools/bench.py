@@ -22,8 +22,9 @@ from torch.nn.utils import clip_grad_norm_ as torch_clip_grad_norm_
 from torch.nn.utils import clip_grad_value_ as torch_clip_grad_value_
 from torch.nn.utils import get_total_norm as torch_get_total_norm
 
-from . import clip, stats
-from .backends import backends, set_backend
+import gradkern as gk
+from gradkern import backends, set_backend
+
 from .bench_compiled_step import compiled_step_times
 from .bench_fused_step import CLIPPING, NOTHING_TO_CLIP, fused_step_times
 from .bench_monitor import monitor_overhead
@@ -140,7 +141,7 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
         _print_row(r)
 
     threads = "" if on_gpu else f", {torch.get_num_threads()} torch threads"
-    print(f"gradkern bench on {device} ({_device_name(device)}), best of {repeats} "
+    print(f"gradkern bench on {device} ({device_name(device)}), best of {repeats} "
           f"(torch {torch.__version__}{threads})")
     print(f"{'op':34s} {'scenario':34s} {'torch ms':>9s} {'gk ms':>9s} {'speed-up':>8s} "
           f"{'GB/s':>7s} {'limit':>7s}")
@@ -154,7 +155,7 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
         nbytes = sum(g.numel() * g.element_size() for g in grads)
         limit = LimitPasses(grads, device)
         t_t, t_g, *t_limit = best_times([lambda: torch_get_total_norm(grads),
-                                         lambda: clip.get_total_norm(grads), *limit.passes],
+                                         lambda: gk.get_total_norm(grads), *limit.passes],
                                         repeats, device)
         read_bw, copy_bw = limit.bandwidths(t_limit)
         limits[name] = dict(read_bw=read_bw, copy_bw=copy_bw, read_source=limit.read_source)
@@ -170,24 +171,24 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
                 g.copy_(s)
 
         t_t, t_g = best_times([lambda: torch_clip_grad_norm_(params, 1e30),
-                               lambda: clip.clip_grad_norm_(params, 1e30)], repeats, device)
+                               lambda: gk.clip_grad_norm_(params, 1e30)], repeats, device)
         row("clip_grad_norm_, no clipping", name, t_t, t_g, nbytes)
         t_t, t_g = best_times([lambda: torch_clip_grad_norm_(params, 1.0),
-                               lambda: clip.clip_grad_norm_(params, 1.0)], repeats, device,
+                               lambda: gk.clip_grad_norm_(params, 1.0)], repeats, device,
                               restore)
         row("clip_grad_norm_, clipping", name, t_t, t_g, nbytes)
         # The same pass with a bound no value reaches reads everything and writes nothing: no
         # one-pass clip is faster, so torch's time over it is the largest speed-up this run allows.
         t_t, t_g, t_read = best_times([lambda: torch_clip_grad_value_(params, CLAMP_AT),
-                                       lambda: clip.clip_grad_value_(params, CLAMP_AT),
-                                       lambda: clip.clip_grad_value_(params, NOTHING_CLAMPED)],
+                                       lambda: gk.clip_grad_value_(params, CLAMP_AT),
+                                       lambda: gk.clip_grad_value_(params, NOTHING_CLAMPED)],
                                       repeats, device, restore)
         row("clip_grad_value_, <1% clamped", name, t_t, t_g, nbytes)
         row("clip_grad_value_, nothing clamped", name, t_t, t_read, nbytes,
             "torch column = torch clipping <1%; speed-up = the ceiling of the row above")
         # Both sides start from the parameters, so both pay for reading every .grad.
-        t_norm, t_stats = best_times([lambda: clip.get_total_norm([p.grad for p in params]),
-                                      lambda: stats.grad_stats(params)], repeats, device)
+        t_norm, t_stats = best_times([lambda: gk.get_total_norm([p.grad for p in params]),
+                                      lambda: gk.grad_stats(params)], repeats, device)
         row("grad_stats vs gradkern total norm", name, t_norm, t_stats, nbytes,
             "speed-up < 1: the cost of the extra statistics")
         if len(grads) <= 200 or not quick:
@@ -199,11 +200,11 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
             def with_fallback():
                 before = set_backend(fallback)
                 try:
-                    clip.get_total_norm(grads)
+                    gk.get_total_norm(grads)
                 finally:
                     set_backend(before)
 
-            t_fallback, t_norm = best_times([with_fallback, lambda: clip.get_total_norm(grads)],
+            t_fallback, t_norm = best_times([with_fallback, lambda: gk.get_total_norm(grads)],
                                             repeats, device)
             row(f"total norm: {fallback} vs gradkern", name, t_fallback, t_norm, nbytes,
                 f"torch column = {fallback}; speed-up = {fallback} time / compiled time")
@@ -219,7 +220,7 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
         set_backend(previous)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"device": _device_name(device), "quick": quick, "build": build_report(),
+            json.dump({"device": device_name(device), "quick": quick, "build": build_report(),
                        "torch": torch.__version__, "cuda": torch.version.cuda,
                        "command": f"gradkern bench --device {device}" + (" --quick" if quick else ""),
                        "limits_bytes_per_s": limits, "rows": rows,
@@ -234,7 +235,7 @@ COMPILED_SCENARIO = "MLP 8 x 1,024 (8.4M), batch 64"
 def _fused_step_rows(row, device: str, repeats: int, quick: bool) -> None:
     """A training step's optimizer part on GPT-2-small shapes with fused AdamW, clipped by torch
     and by the Monitor's folded clip, with and without anything to clip (see
-    :mod:`gradkern.bench_fused_step`)."""
+    :mod:`gradkern.tools.bench_fused_step`)."""
     layers = 3 if quick else 12
     scenario = f"GPT-2-small shapes ({layers} layers)"
     nbytes = sum(math.prod(s) for s in gpt2_small_shapes(layers)) * 4
@@ -252,9 +253,9 @@ def _fused_step_rows(row, device: str, repeats: int, quick: bool) -> None:
         print(f"  ({note})")
 
 
-def _device_name(device: str) -> str:
+def device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
+        return torch.cuda.getdevice_name(torch.device(device))
     import platform
 
     return platform.processor() or platform.machine()

@@ -16,12 +16,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
-import matplotlib
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-
-__all__ = ["Run", "load_jsonl", "run_figures", "write_html", "main_report"]
+__all__ = ["Run", "load_jsonl", "run_figures", "write_html", "main_report", "new_figure",
+           "finish_axes", "png_bytes"]
 
 
 @dataclass
@@ -67,7 +66,14 @@ def _positive(v) -> float:
     return v if v > 0 and math.isfinite(v) else float("nan")
 
 
-def _finish(fig, ax, xlabel: str, ylabel: str, title: str, legend_size: int = 7):
+def new_figure(size: tuple[float, float]):
+    """``(figure, axes)`` of one plot. A bare :class:`~matplotlib.figure.Figure` renders to
+    files without pyplot, so drawing here never changes the caller's matplotlib backend."""
+    fig = Figure(figsize=size)
+    return fig, fig.subplots()
+
+
+def finish_axes(fig, ax, xlabel: str, ylabel: str, title: str, legend_size: int = 7):
     """Log y axis, labels, legend, grid: the frame every picture here shares."""
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -80,15 +86,15 @@ def _finish(fig, ax, xlabel: str, ylabel: str, title: str, legend_size: int = 7)
 
 
 def layer_norms_figure(run: Run):
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = new_figure((8, 4.5))
     steps = [r["step"] for r in run.steps]
     layers = _layers(run)
-    cmap = plt.get_cmap("viridis", max(len(layers), 2))
+    cmap = colormaps["viridis"].resampled(max(len(layers), 2))
     for k, layer in enumerate(layers):
         values = [_positive(float(r["layers"].get(layer, {}).get("grad_norm", "nan")))
                   for r in run.steps]
         ax.plot(steps, values, color=cmap(k), label=layer, linewidth=1.2)
-    return _finish(fig, ax, "optimizer step", "gradient L2 norm of the layer",
+    return finish_axes(fig, ax, "optimizer step", "gradient L2 norm of the layer",
                    f"{run.name}: gradient norm per layer\n(input side dark, output side light)")
 
 
@@ -97,7 +103,7 @@ def gradient_flow_figure(run: Run, at: list[int] | None = None):
     if at is None:
         n = len(run.steps)
         at = sorted({0, n // 2, n - 1}) if n else []
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = new_figure((8, 4.5))
     x = list(range(len(layers)))
     for k in at:
         record = run.steps[k]
@@ -108,12 +114,12 @@ def gradient_flow_figure(run: Run, at: list[int] | None = None):
                 label=f"max |g|, step {record['step']}")
     ax.set_xticks(x)
     ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=7)
-    return _finish(fig, ax, "layer (input -> output)", "|gradient| (log scale)",
+    return finish_axes(fig, ax, "layer (input -> output)", "|gradient| (log scale)",
                    f"{run.name}: gradient flow across layers")
 
 
 def total_norm_figure(run: Run):
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = new_figure((8, 4.5))
     steps = [r["step"] for r in run.steps]
     totals = [_positive(float(r["total_norm"])) for r in run.steps]
     ax.plot(steps, totals, color="black", linewidth=1.2, label="total gradient norm")
@@ -135,7 +141,7 @@ def total_norm_figure(run: Run):
         ax.scatter(skipped, [min(t for t in totals if t == t) if any(t == t for t in totals)
                              else 1.0] * len(skipped), marker="x", color="tab:red",
                    label="skipped step (non-finite)")
-    return _finish(fig, ax, "optimizer step", "L2 norm of all gradients",
+    return finish_axes(fig, ax, "optimizer step", "L2 norm of all gradients",
                    f"{run.name}: total gradient norm, events marked")
 
 
@@ -147,10 +153,10 @@ def run_figures(run: Run) -> dict[str, object]:
             f"{safe}_total_norm": total_norm_figure(run)}
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes (drawn by the Agg renderer; no window, no global backend)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -193,7 +199,7 @@ def main_report(jsonl: str, out: str) -> int:
     run = load_jsonl(jsonl)
     if not run.steps:
         raise SystemExit(f"{jsonl}: no step records (is it a gk.sinks.JSONL file?)")
-    images = {name: _png(fig) for name, fig in run_figures(run).items()}
+    images = {name: png_bytes(fig) for name, fig in run_figures(run).items()}
     png_dir = os.path.dirname(os.path.abspath(out))
     write_html(out, f"gradkern report: {run.name}",
                [(run.name, f"<p>{len(run.steps)} steps, {len(run.events)} events.</p>"

@@ -7,7 +7,7 @@ the demo shows them diagnosed and fixed. Everything is seeded and CPU-sized (sec
 
 Example:
     >>> import gradkern as gk
-    >>> from gradkern.cases import CASES, train
+    >>> from gradkern.tools.cases import CASES, train
     >>> case = CASES["relu_regression_uniform_4_5"]()
     >>> mon = train(case, steps=20)
     >>> sorted({e.kind for e in mon.events})
@@ -138,7 +138,7 @@ def tanh_chain(depth: int = 20, width: int = 32, scale: float = 0.5) -> Case:
     return Case(f"tanh_chain_{depth}x{scale}", model, opt, batch, loss, expected)
 
 
-class _TinyTransformer(nn.Module):
+class TinyTransformer(nn.Module):
     def __init__(self, vocab: int = 256, d: int = 64, layers: int = 2, ctx: int = 32):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
@@ -161,7 +161,7 @@ def small_transformer() -> Case:
     """A 2-block pre-norm transformer learning a fixed token pattern with AdamW: healthy."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(4)
-    model = _TinyTransformer()
+    model = TinyTransformer()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     pattern = torch.randint(0, 256, (64,), generator=gen)
 
@@ -226,7 +226,7 @@ def train(case: Case, steps: int, **monitor_kwargs):
 
     ``monitor_kwargs`` go to :class:`gradkern.Monitor` (default ``log_every=1``).
     """
-    from .monitor import Monitor
+    from gradkern import Monitor
 
     monitor_kwargs.setdefault("log_every", 1)
     with Monitor(case.model, case.optimizer, **monitor_kwargs) as mon:

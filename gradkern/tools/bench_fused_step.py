@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .monitor import Monitor
+from gradkern import Monitor
+
 from .scenarios import gpt2_small_shapes
 
 CLIPPING = 1.0  # the gradients' norm is ~1e4: both sides scale them

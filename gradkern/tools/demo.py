@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import clippers as C
+import gradkern as gk
+
 from .cases import two_moons
-from .monitor import Monitor
-from .report import Run, _finish, _png, events_table, load_jsonl, plt, run_figures, write_html
-from .sinks import JSONL
+from .report import (Run, events_table, finish_axes, load_jsonl, new_figure, png_bytes,
+                     run_figures, write_html)
 
 __all__ = ["run_demo"]
 
@@ -63,7 +63,7 @@ def _train(name: str, model: nn.Module, opt: torch.optim.Optimizer, steps: int,
     if os.path.exists(path):
         os.remove(path)
     monitor_kwargs.setdefault("log_every", 10)
-    with Monitor(model, opt, sinks=[JSONL(path)], **monitor_kwargs):
+    with gk.Monitor(model, opt, sinks=[gk.sinks.JSONL(path)], **monitor_kwargs):
         for step in range(steps):
             opt.zero_grad()
             step_loss(step).backward()
@@ -149,14 +149,14 @@ def _layers_of(run: Run) -> list[str]:
 
 def exploding(out_dir: str, steps: int) -> list[Result]:
     runs = [("baseline: ReLU uniform(4,5), SGD", {}, "relu_uniform", 0.01, 0.0),
-            ("clip by value (0.5)", {"clip": C.ClipByValue(0.5)}, "relu_uniform", 0.01, 0.0),
+            ("clip by value (0.5)", {"clip": gk.ClipByValue(0.5)}, "relu_uniform", 0.01, 0.0),
             ("clip by norm (1.0)", {"clip": 1.0}, "relu_uniform", 0.01, 0.0),
             ("Glorot init with tanh", {}, "tanh_glorot", 0.01, 0.0),
             ("L2 (weight decay 0.1)", {}, "relu_uniform", 0.01, 0.1),
             ("smaller learning rate (1e-5)", {}, "relu_uniform", 1e-5, 0.0),
-            ("gk.AutoClip", {"clip": C.AutoClip(percentile=10)}, "relu_uniform", 0.01, 0.0),
-            ("gk.ZClip", {"clip": C.ZClip(warmup=5)}, "relu_uniform", 0.01, 0.0),
-            ("gk.AGC", {"clip": C.AGC(clip_factor=0.01)}, "relu_uniform", 0.01, 0.0)]
+            ("gk.AutoClip", {"clip": gk.AutoClip(percentile=10)}, "relu_uniform", 0.01, 0.0),
+            ("gk.ZClip", {"clip": gk.ZClip(warmup=5)}, "relu_uniform", 0.01, 0.0),
+            ("gk.AGC", {"clip": gk.AGC(clip_factor=0.01)}, "relu_uniform", 0.01, 0.0)]
     results = []
     for i, (remedy, kwargs, arch, lr, wd) in enumerate(runs):
         torch.manual_seed(0)
@@ -199,7 +199,7 @@ def exploding(out_dir: str, steps: int) -> list[Result]:
 def depth_figure():
     """The backward signal through a 20-layer tanh chain: the gradient of the loss with respect
     to each layer's output shrinks (scale 0.5), holds (1.0) or grows (1.5) with depth."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = new_figure((8, 4.5))
     rows = []
     for scale in (0.5, 1.0, 1.5):
         torch.manual_seed(0)
@@ -220,7 +220,7 @@ def depth_figure():
         norms = [float(o.grad.norm()) for o in outputs]
         ax.plot(range(1, 21), norms, marker="o", label=f"weight scale {scale}")
         rows.append((scale, norms[0], norms[-1]))
-    return _finish(fig, ax, "layer (1 = input side, 20 = next to the output)",
+    return finish_axes(fig, ax, "layer (1 = input side, 20 = next to the output)",
                    "norm of d loss / d layer output",
                    "20-layer tanh chain: the gradient on its way back to the input", 9), rows
 
@@ -231,13 +231,13 @@ def clip_direction_figure():
     g = torch.tensor([0.9, 100.0])
     p_value, p_norm = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
     p_value.grad, p_norm.grad = g.clone(), g.clone()
-    C.ClipByValue(1.0).clip_([p_value])
-    C.ClipByNorm(1.0).clip_([p_norm])
+    gk.ClipByValue(1.0).clip_([p_value])
+    gk.ClipByNorm(1.0).clip_([p_norm])
 
     def angle(v):
         return math.degrees(math.atan2(float(v[1]), float(v[0])))
 
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    fig, ax = new_figure((5.5, 5.5))
     for v, label, color, lw in ((g / g.norm(), "original, scaled to length 1", "gray", 6),
                                 (p_value.grad, "clip by value 1: [0.9, 1.0]", "tab:red", 2),
                                 (p_norm.grad, "clip by norm 1", "tab:green", 2)):
@@ -289,17 +289,17 @@ def run_demo(out_dir: str = "gradkern-demo", quick: bool = False) -> list[Result
         text = (f"<p><b>{html.escape(r.scenario)}: {html.escape(r.remedy)}</b>: "
                 f"{html.escape(r.metric)}; verdict: {html.escape(r.verdict)}.</p>"
                 + events_table(r.run))
-        images = {name: _png(fig) for name, fig in run_figures(r.run).items()}
+        images = {name: png_bytes(fig) for name, fig in run_figures(r.run).items()}
         sections.append((f"{r.scenario}: {r.remedy}", text, images))
     depth_text = "".join(f"<p>scale {s}: first layer {a:.3g}, last layer {b:.3g}</p>"
                          for s, a, b in depth_rows)
-    sections.append(("3 depth: 20-layer tanh chain", depth_text, {"depth": _png(depth)}))
+    sections.append(("3 depth: 20-layer tanh chain", depth_text, {"depth": png_bytes(depth)}))
     g, by_value, by_norm = clip_vectors
     clip_text = (f"<p>gradient {g}; clipped by value to 1: {by_value} (direction changed); "
                  f"clipped by norm to 1: [{by_norm[0]:.4f}, {by_norm[1]:.4f}] (direction kept)."
                  "</p>")
     sections.append(("4 clip by value vs clip by norm", clip_text,
-                     {"clip_direction": _png(clip_fig)}))
+                     {"clip_direction": png_bytes(clip_fig)}))
     report = os.path.join(out_dir, "report.html")
     write_html(report, "gradkern demo: vanishing and exploding gradients", sections, out_dir)
     print(f"\nwrote {report} and the pictures in {out_dir}/ ({time.perf_counter() - t0:.0f} s)")
