@@ -17,7 +17,7 @@ import torch
 
 import gradkern as gk
 from gradkern import _params, _table
-from gradkern._norm_spec import parse_norm_type
+from gradkern._norms import parse_norm_type
 from gradkern.backends import backend_for
 
 

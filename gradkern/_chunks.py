@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-CHUNK_ELEMS = 1 << 16  # must equal kChunkElems in cpp/include/gradkern/tensor_table.h
+from ._constants import CHUNK_ELEMS
 
 
 def chunk_plan(numel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

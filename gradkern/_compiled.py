@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _engine, _ops, distributed
-from ._norm_spec import NormSpec, parse_norm_type
-from ._table import result_dtype
+from . import _engine, _norms, _ops, distributed
+from ._norms import NormSpec, parse_norm_type, result_dtype
 from .backends import RawStats
 
 
@@ -35,10 +34,7 @@ def eager_only(reason: str):
              "region instead, or leave error_if_nonfinite=False inside it")
 def _raise_if_nonfinite(total: torch.Tensor, spec: NormSpec, dtype: torch.dtype) -> None:
     if not bool(torch.isfinite(total.to(dtype))):
-        raise RuntimeError(
-            f"The total norm of order {spec.p} for gradients from `parameters` is non-finite, "
-            "so it cannot be clipped. To disable this error and scale the gradients by the "
-            "non-finite norm anyway, set `error_if_nonfinite=False`")
+        raise _norms.nonfinite_norm_error(spec)
 
 
 @eager_only("gradkern: group= and DTensor gradients (FSDP2, tensor parallel) take "
@@ -76,8 +72,7 @@ def tensors_of(items: list) -> list[torch.Tensor]:
 def stats(tensors: list[torch.Tensor], spec: NormSpec) -> tuple[RawStats, torch.Tensor]:
     """One read pass (the custom op) and the element counts (constants of the graph)."""
     if spec.p < 0 and not any(t.numel() for t in tensors):
-        raise RuntimeError(f"the norm of order {spec.p} of zero elements is undefined (it has "
-                           "no identity value); torch raises for it too")
+        raise _norms.undefined_norm_error(spec)
     raw = RawStats(*_ops.tensor_stats(tensors, spec.p))
     numel = torch.tensor([t.numel() for t in tensors], dtype=torch.int64,
                          device=raw.zeros.device)
@@ -89,7 +84,7 @@ def _total(tensors: list[torch.Tensor], norm_type, error_if_nonfinite: bool):
     with ``error_if_nonfinite``'s check outside the graph."""
     spec = parse_norm_type(norm_type)
     raw, numel = stats(tensors, spec)
-    total = _engine.total_norm(raw, numel, spec)
+    total = _norms.total_norm(raw, numel, spec)
     if error_if_nonfinite:
         _raise_if_nonfinite(total, spec, _dtype(tensors))
     return raw, numel, spec, total
@@ -126,8 +121,8 @@ def clip_(eager, parameters, max_norm, value, norm_type, per_tensor, error_if_no
     raw, numel, spec, total = _total(grads, norm_type, error_if_nonfinite)
     coef = None
     if max_norm is not None:
-        norm = _engine.per_tensor_norms(raw, numel, spec) if per_tensor else total.reshape(1)
-        coef = _engine.clip_coefficient(max_norm, norm)
+        norm = _norms.per_tensor_norms(raw, numel, spec) if per_tensor else total.reshape(1)
+        coef = _norms.clip_coefficient(max_norm, norm)
     if coef is not None or value is not None:
         _ops.clip_in_place(grads, coef, float("inf") if value is None else value)
     return total.to(_dtype(grads))
@@ -150,22 +145,22 @@ def clip_grads_with_norm_(eager, parameters, max_norm: float, total_norm) -> Non
     if not grads:
         return
     total = torch.as_tensor(total_norm, device=grads[0].device)
-    _ops.clip_in_place(grads, _engine.clip_coefficient(max_norm, total).reshape(1),
+    _ops.clip_in_place(grads, _norms.clip_coefficient(max_norm, total).reshape(1),
                        float("inf"))
 
 
 def grad_stats(eager, parameters, norm_type, group):
     """:func:`gradkern.grad_stats` (``eager``) in a graph: ``(names, raw, numel, spec,
-    has_fp64)`` for :func:`gradkern.stats._from_raw`, or what ``eager`` returned."""
+    dtype)`` for :func:`gradkern.stats._from_raw`, or what ``eager`` returned."""
     items = _items(parameters)
     grads, names = grads_of(items)
     if _needs_collectives(grads, group):
         return with_collectives(eager, items, norm_type, group=group)
     spec = parse_norm_type(norm_type)
     if not grads:
-        return names, None, None, spec, False
+        return names, None, None, spec, None
     raw, numel = stats(grads, spec)
-    return names, raw, numel, spec, any(g.dtype == torch.float64 for g in grads)
+    return names, raw, numel, spec, _dtype(grads)
 
 
 @eager_only("gradkern.find_nonfinite returns parameter names, read back from the device, which "

@@ -14,9 +14,10 @@ from operator import attrgetter
 import numpy as np
 import torch
 
-from ._norm_spec import NormKind, NormSpec
-from ._table import (WorkSet, check_tensors, make_work_set, read_dense_table,
-                     repeated_entries, result_dtype, result_dtype_of_mask)
+from ._norms import NormKind, NormSpec, result_dtype, result_dtype_of_mask
+from . import _norms
+from ._table import (WorkSet, check_tensors, make_unit_work_set, make_work_set,
+                     read_dense_table, repeated_entries, units_of)
 from .backends import Backend, RawStats, backend_for
 from .backends._device_table import to_device_async
 
@@ -170,43 +171,6 @@ def _to(raw: RawStats, device: torch.device) -> RawStats:
                     raw.zeros.to(device))
 
 
-CLIP_EPS = 1e-6  # torch's guard in max_norm / (norm + eps)
-
-
-def clip_coefficient(max_norm: float | torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """torch's clip coefficient, ``min(max_norm / (norm + 1e-6), 1)``, in float64 (per entry
-    of ``norm``). NaN stays NaN: a NaN norm poisons the gradients, as in torch."""
-    return (max_norm / (norm.to(torch.float64) + CLIP_EPS)).clamp(max=1.0)
-
-
-def per_tensor_norms(raw: RawStats, numel: torch.Tensor, spec: NormSpec) -> torch.Tensor:
-    """float64 norm of each tensor."""
-    if spec.kind == NormKind.L2:
-        return raw.power_sum.sqrt()
-    if spec.kind in (NormKind.L1, NormKind.MIN_ABS):
-        return raw.power_sum
-    if spec.kind == NormKind.POWER:
-        return raw.power_sum.pow(1.0 / spec.p)
-    if spec.p == 0.0:
-        return (numel - raw.zeros).to(torch.float64)
-    return raw.max_abs
-
-
-def total_norm(raw: RawStats, numel: torch.Tensor, spec: NormSpec) -> torch.Tensor:
-    """float64 norm of all tensors viewed as one vector (0-dim)."""
-    if spec.kind == NormKind.L2:
-        return raw.power_sum.sum().sqrt()
-    if spec.kind == NormKind.L1:
-        return raw.power_sum.sum()
-    if spec.kind == NormKind.POWER:
-        return raw.power_sum.sum().pow(1.0 / spec.p)
-    if spec.kind == NormKind.MIN_ABS:
-        return raw.power_sum.min()
-    if spec.p == 0.0:
-        return (numel - raw.zeros).sum().to(torch.float64)
-    return raw.max_abs.max()
-
-
 def check_writable(g: Gathered) -> None:
     """RuntimeError, before anything is written, when a tensor of ``g`` cannot be written in
     place (an expanded tensor, whose elements share memory)."""
@@ -257,9 +221,32 @@ def clip_in_place(g: Gathered, coef: torch.Tensor | None, clip_value: float) -> 
         group.work.copy_back()
 
 
-def nonfinite_names(g: Gathered, nonfinite: torch.Tensor) -> list[str]:
-    """Names (or ``#index``) of the tensors with NaN/inf, in list order. Syncs with the device."""
-    bad = np.flatnonzero(nonfinite.cpu().numpy())
-    if g.names is not None:
-        return [g.names[i] for i in bad]
-    return [f"#{i}" for i in bad]
+def unit_norms(tensors: list[torch.Tensor], spec: NormSpec) -> torch.Tensor:
+    """float64 norm of every unit (row; a vector is one unit) of every tensor, concatenated in
+    order, on the tensors' device: one read pass of the backend's kernels over a table with an
+    entry per unit, or the reference's torch ops where the backend reads tensors, not tables."""
+    table = make_unit_work_set(tensors)
+    backend = None if table is None else backend_for(table.device)
+    if backend is not None and backend.reads_tables:
+        raw = backend.tensor_stats(table, spec)
+        numel = torch.from_numpy(table.numel).to(raw.zeros.device)
+        return _norms.per_tensor_norms(raw, numel, spec)
+    return torch.cat([torch.linalg.vector_norm(t.double().reshape(units_of(t), -1), spec.p, dim=1)
+                      for t in tensors])
+
+
+def scale_units_(tensors: list[torch.Tensor], coef: torch.Tensor) -> None:
+    """Multiply each unit (as :func:`unit_norms` orders them) by its entry of ``coef`` where
+    that is below 1, in place."""
+    table = make_unit_work_set(tensors)
+    backend = None if table is None else backend_for(table.device)
+    if backend is not None and backend.reads_tables:
+        backend.clip_in_place(table, coef.to(table.device, torch.float64), float("inf"))
+        return
+    start = 0
+    for t in tensors:
+        n = units_of(t)
+        c = coef[start:start + n].to(t.device, t.dtype)
+        t.mul_(c.reshape(()) if t.dim() <= 1 else c.reshape((n,) + (1,) * (t.dim() - 1)))
+        start += n
+

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import _engine
-from ._norm_spec import parse_norm_type
+from ._norms import parse_norm_type
 
 
 @torch.library.custom_op("gradkern::tensor_stats", mutates_args=())

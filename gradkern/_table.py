@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import reduce
 from itertools import repeat
 from operator import attrgetter
 
@@ -17,16 +16,7 @@ import numpy as np
 import torch
 
 from . import _native
-
-# Codes shared with cpp/include/gradkern/tensor_table.h. Do not renumber.
-DTYPE_CODES: dict[torch.dtype, int] = {
-    torch.float32: 0,
-    torch.float64: 1,
-    torch.float16: 2,
-    torch.bfloat16: 3,
-}
-
-_DTYPES_BY_CODE = tuple(DTYPE_CODES)  # dict order is code order
+from ._constants import DTYPE_CODES, DTYPES_BY_CODE
 
 _get_dtype = attrgetter("dtype")
 
@@ -85,6 +75,7 @@ class WorkSet:
     addresses: np.ndarray | None = None  # uint64 data pointers, when already read
     dtype_mask: int | None = None  # bit c set when some tensor has code c (from the C readers)
     unwritable: str | None = None  # the first tensor that cannot be written in place, named
+    device: torch.device | None = None  # where the entries live when ``work`` is empty
 
     @property
     def size(self) -> int:
@@ -111,7 +102,7 @@ class WorkSet:
         addresses, numel, codes = self.table()
         return WorkSet([self.work[i] for i in keep] if self.work else [], codes[keep],
                        numel[keep], None, self.writeback, addresses[keep],
-                       unwritable=self.unwritable)
+                       unwritable=self.unwritable, device=self.device)
 
 
 _ITEM_BYTES = np.array([torch.empty((), dtype=d).element_size() for d in DTYPE_CODES],
@@ -171,23 +162,6 @@ def repeated_entries(ws: WorkSet) -> tuple[np.ndarray, np.ndarray] | None:
     return keep[in_order], repeats[in_order]
 
 
-def result_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
-    """The dtype torch gives a norm over tensors of these dtypes (type promotion)."""
-    return reduce(torch.promote_types, sorted(dtypes, key=str))
-
-
-# result_dtype of every non-empty set of the four dtypes, indexed by its mask of codes (bit c for
-# code c, as the C table readers report it): a lookup instead of promotions on every call.
-_RESULT_DTYPE_BY_MASK: tuple[torch.dtype | None, ...] = (None,) + tuple(
-    result_dtype({dtype for code, dtype in enumerate(_DTYPES_BY_CODE) if mask >> code & 1})
-    for mask in range(1, 1 << len(_DTYPES_BY_CODE)))
-
-
-def result_dtype_of_mask(dtype_mask: int) -> torch.dtype:
-    """:func:`result_dtype` of the dtypes whose codes are the bits set in a C reader's mask."""
-    return _RESULT_DTYPE_BY_MASK[dtype_mask]
-
-
 def reader_arguments(device: torch.device | None = None) -> tuple[type, tuple[torch.dtype, ...],
                                                                   object]:
     """What the C table readers take to recognise a plain tensor: the tensor type, the dtypes in
@@ -195,20 +169,20 @@ def reader_arguments(device: torch.device | None = None) -> tuple[type, tuple[to
     one, or for a CUDA ``device`` that device's (see ``_torch_layout.find_cuda_layout``)."""
     layout = _LAYOUT if _READER is not None else _cpu_layout()
     if device is None or device.type != "cuda" or layout is None:
-        return torch.Tensor, _DTYPES_BY_CODE, layout
+        return torch.Tensor, DTYPES_BY_CODE, layout
     index = torch.cuda.current_device() if device.index is None else device.index
     layout = _CUDA_LAYOUTS.get(index)
     if layout is None:
         if torch.cuda.is_current_stream_capturing():
             # The probe launches work of its own, which must not land in the caller's graph:
             # this call reads its rows through the getters, and a later one probes.
-            return torch.Tensor, _DTYPES_BY_CODE, _LAYOUT
+            return torch.Tensor, DTYPES_BY_CODE, _LAYOUT
         from ._torch_layout import find_cuda_layout
 
         with torch.cuda.device(index):
             layout, _CUDA_READERS[index] = find_cuda_layout(_LAYOUT, index)
         _CUDA_LAYOUTS[index] = layout
-    return torch.Tensor, _DTYPES_BY_CODE, layout
+    return torch.Tensor, DTYPES_BY_CODE, layout
 
 
 def read_dense_table(tensors: list[torch.Tensor], device: torch.device) -> WorkSet | None:
@@ -230,6 +204,36 @@ def read_dense_table(tensors: list[torch.Tensor], device: torch.device) -> WorkS
 
 
 PLAIN_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
+def units_of(t: torch.Tensor) -> int:
+    """How many units (rows: all dims but the first) a tensor has; a vector or scalar is one."""
+    return 1 if t.dim() <= 1 else t.shape[0]
+
+
+def make_unit_work_set(tensors: list[torch.Tensor]) -> WorkSet | None:
+    """A table with one entry per unit (row) of each tensor, built with numpy rather than a
+    Python loop over rows; None unless every tensor is a plain, contiguous, strided tensor on
+    one device (a subclass may keep its values elsewhere). Its entries have no tensors of
+    their own (``work`` is empty): only backends that read address tables can take it."""
+    if not tensors:
+        return None
+    device = tensors[0].device
+    if any(not t.is_contiguous() or t.layout != torch.strided or t.device != device
+           or type(t) not in PLAIN_TENSOR_TYPES or t.dtype not in DTYPE_CODES for t in tensors):
+        return None
+    units = np.array([units_of(t) for t in tensors], dtype=np.int64)
+    numel = np.array([t.numel() for t in tensors], dtype=np.int64)
+    per_unit = np.where(units > 0, numel // np.maximum(units, 1), 0)
+    itemsize = np.array([t.element_size() for t in tensors], dtype=np.uint64)
+    base = np.array([t.data_ptr() for t in tensors], dtype=np.uint64)
+    owner = np.repeat(np.arange(len(tensors)), units)
+    first = np.concatenate([[0], np.cumsum(units)[:-1]])
+    row = (np.arange(units.sum()) - first[owner]).astype(np.uint64)
+    addresses = base[owner] + row * per_unit[owner].astype(np.uint64) * itemsize[owner]
+    codes = np.array([DTYPE_CODES[t.dtype] for t in tensors], dtype=np.int8)[owner]
+    return WorkSet(work=[], codes=codes, numel=per_unit[owner], addresses=addresses,
+                   device=device)
 
 
 def _has_memory(t: torch.Tensor) -> bool:

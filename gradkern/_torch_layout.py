@@ -31,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # gradkern's code order
+from ._constants import DTYPES_BY_CODE as DTYPES  # in code order
 # c10::ScalarType numbers, which torch keeps as the dtype of a TensorImpl. The probe confirms them.
 _SCALAR_TYPES = (6, 7, 5, 15)
 

@@ -9,112 +9,45 @@ clipper forces a host sync. ``state_dict()`` / ``load_state_dict()`` checkpoint 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 
-from . import _engine, distributed
-from ._norm_spec import NormKind, NormSpec, parse_norm_type
+from . import _engine, _norms, distributed
+from ._grad_set import GradSet, Intent
+from ._norms import NormKind, NormSpec, parse_norm_type
 from ._params import TensorOrTensors, check_bound, split_names
-from ._table import WorkSet
-from .backends import RawStats
 
 __all__ = ["Clipper", "ClipByNorm", "ClipByValue", "AGC", "AutoClip", "ZClip", "as_clipper"]
 
-_L2 = parse_norm_type(2.0)
 
+def gradients_of(parameters: TensorOrTensors, group=None) -> GradSet | None:
+    """The gradients of ``parameters`` as a clipper reads and writes them: DTensors by their
+    local tensors (a Partial one refused), the whole set's norms over ``group``. None when no
+    parameter has a gradient and there is no group to join.
 
-@dataclass
-class _Grads:
-    """Gradients gathered once, with their L2 statistics (shared by the Monitor and clippers).
-
-    With a process group, ``params``/``gathered`` are this rank's (possibly none) and the norms
-    are the whole set's across the group.
+    Raises:
+        TypeError: a Partial DTensor gradient. ValueError: a DTensor sharded across ranks
+            without ``group`` (its norms would be this rank's part alone).
     """
-
-    params: list[torch.Tensor]  # the parameters whose grads these are, in order
-    gathered: _engine.Gathered | None
-    raw: RawStats | None  # L2 kind: power_sum holds sum of squares per tensor
-    numel: torch.Tensor | None
-    group: object = None
-    error: BaseException | None = None
-    # 1 / GradScaler's scale when the gradients are still scaled (a fused step unscales them
-    # in its own kernel); ``raw`` is then already unscaled, a new read pass is not
-    inv_scale: torch.Tensor | None = None
-    _total: torch.Tensor | None = None
-
-    @classmethod
-    def of(cls, parameters: TensorOrTensors, group=None) -> _Grads | None:
-        """None when no parameter has a gradient (and there is no group to join)."""
-        params, names = split_names(parameters)
-        keep = [i for i, p in enumerate(params) if p.grad is not None]
-        params = [params[i] for i in keep]
-        names = None if names is None else [names[i] for i in keep]
-        # DTensor gradients (FSDP2, tensor parallel): the clippers read and write the local
-        # shards, and the group makes the norms the whole set's (as in the Monitor)
-        grads = [p.grad for p in params]
-        if distributed.any_dtensor(grads):
-            distributed.refuse_partial(grads, "a clipper")
-            if group is None:
-                distributed.require_group_for_shards(grads, "a clipper")
-            grads = distributed.local_shards(grads)
-        if group is None:
-            if not params:
-                return None
-            return cls(params, *_engine.gather_stats(grads, names, _L2))
-
-        g, raw, numel, error = distributed.local_stats(grads, names, _L2)
-        return cls(params, g, raw, numel, group, error)
-
-    @property
-    def device(self) -> torch.device:
-        if self.gathered is not None:
-            return self.gathered.device
-        return distributed.collective_device(self.group)
-
-    def total_norm(self) -> torch.Tensor:
-        """L2 norm of the whole set (reduced across the group once, then reused)."""
-        if self._total is None:
-            if self.group is None:
-                self._total = _engine.total_norm(self.raw, self.numel, _L2)
-            else:
-                totals = distributed.reduce_totals(self.raw, self.numel, _L2, self.group,
-                                                   self.device, self.error)
-                self._total = totals.norm(_L2)
-        return self._total
-
-    def stats_for(self, spec: NormSpec, per_tensor: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(per-tensor norms or None, total norm) for another norm type or per-tensor clipping;
-        one more read pass for a norm other than L2, and the group's collectives."""
-        raw, numel = self.raw, self.numel
-        reread = spec.kind != NormKind.L2 and self.gathered is not None
-        if reread:
-            raw, numel = _engine.tensor_stats(self.gathered, spec)
-        if self.group is None:
-            norms = _engine.per_tensor_norms(raw, numel, spec) if per_tensor else None
-            total = _engine.total_norm(raw, numel, spec)
-        elif per_tensor:
-            raw, numel = distributed.reduce_per_tensor(raw, numel, len(self.params), spec,
-                                                       self.group, self.device, self.error)
-            norms, total = (_engine.per_tensor_norms(raw, numel, spec),
-                            _engine.total_norm(raw, numel, spec))
-        else:
-            totals = distributed.reduce_totals(raw, numel, spec, self.group, self.device,
-                                               self.error)
-            norms, total = None, totals.norm(spec)
-        if reread and self.inv_scale is not None and spec.p != 0.0:
-            # every p-norm but the count of non-zeros scales with the gradients
-            norms = None if norms is None else norms * self.inv_scale
-            total = total * self.inv_scale
-        return norms, total
+    params, names = split_names(parameters)
+    keep = [i for i, p in enumerate(params) if p.grad is not None]
+    params = [params[i] for i in keep]
+    names = None if names is None else [names[i] for i in keep]
+    if group is None and not params:
+        return None
+    grads = [p.grad for p in params]
+    gradients = GradSet.of_local(grads, names, group=group, intent=Intent.CLAMP,
+                                 what="a clipper", params=params)
+    if group is None:
+        distributed.require_group_for_shards(grads, "a clipper")
+    return gradients
 
 
 class Clipper:
-    """Base class. A subclass implements :meth:`_global_coefficient` when its whole action is
+    """Base class. A subclass implements :meth:`global_coefficient` when its whole action is
     one coefficient for every gradient (so that a fused optimizer step can apply it in its own
-    kernel, see :class:`gradkern.Monitor`), and otherwise :meth:`_clip`, on gradients already
-    gathered with their L2 statistics."""
+    kernel, see :class:`gradkern.Monitor`), and otherwise :meth:`apply`. Both take a gradient
+    set whose L2 statistics have been read once (by :meth:`clip_`, or by the Monitor, which
+    shares its own read pass), so clipping costs no further read pass for L2."""
 
     group = None  # a torch.distributed process group, set by the constructors' group=
 
@@ -128,23 +61,23 @@ class Clipper:
         rank clips its part with the same coefficient. DTensor gradients (FSDP2) are read and
         clipped shard by shard, so sharded ones need that group (ValueError without it).
         """
-        grads = _Grads.of(parameters, self.group)
-        if grads is None:
+        gradients = gradients_of(parameters, self.group)
+        if gradients is None:
             return torch.tensor(0.0)
-        return self._clip(grads).to(_norm_dtype(grads))
+        return self.apply(gradients).to(_norms.stats_dtype(gradients.dtype))
 
-    def _clip(self, grads: _Grads) -> torch.Tensor:
-        """Clip in place; return the pre-clip total L2 norm (float64, 0-dim)."""
-        found = self._global_coefficient(grads)
+    def apply(self, gradients: GradSet) -> torch.Tensor:
+        """Clip ``gradients`` in place; return their total L2 norm before clipping (float64,
+        0-dim). The default scales by :meth:`global_coefficient`."""
+        found = self.global_coefficient(gradients)
         if found is None:
-            raise NotImplementedError(f"{type(self).__name__} implements neither _clip nor "
-                                      "_global_coefficient")
+            raise NotImplementedError(f"{type(self).__name__} implements neither apply nor "
+                                      "global_coefficient")
         total, coef = found
-        if grads.gathered is not None:
-            _engine.clip_in_place(grads.gathered, coef.reshape(1), float("inf"))
+        gradients.write(coef.reshape(1))
         return total
 
-    def _global_coefficient(self, grads: _Grads) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def global_coefficient(self, gradients: GradSet) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(pre-clip total L2 norm, coefficient <= 1)`` for a clipper that scales every
         gradient by one coefficient, computed without writing anything (and updating the
         clipper's state as a clip would); None for one that does more."""
@@ -176,12 +109,6 @@ class Clipper:
         return f"{type(self).__name__}({fields})"
 
 
-def _norm_dtype(grads: _Grads) -> torch.dtype:
-    if grads.gathered is not None and grads.gathered.dtype == torch.float64:
-        return torch.float64
-    return torch.float32
-
-
 class ClipByNorm(Clipper):
     """Clip the global gradient norm to ``max_norm`` (or each tensor's, with ``per_tensor``).
 
@@ -203,22 +130,19 @@ class ClipByNorm(Clipper):
         self.group = group
         self._spec: NormSpec = parse_norm_type(norm_type)
 
-    def _global_coefficient(self, grads: _Grads) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def global_coefficient(self, grads: GradSet) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.per_tensor:
             return None
-        total_l2 = grads.total_norm()
-        total = total_l2 if self._spec.kind == NormKind.L2 else \
-            grads.stats_for(self._spec, False)[1]
-        return total_l2, _engine.clip_coefficient(self.max_norm, total)
+        total_l2 = grads.total_l2()
+        total = total_l2 if self._spec.kind == NormKind.L2 else grads.norms(self._spec)[1]
+        return total_l2, _norms.clip_coefficient(self.max_norm, total)
 
-    def _clip(self, grads: _Grads) -> torch.Tensor:
+    def apply(self, grads: GradSet) -> torch.Tensor:
         if not self.per_tensor:
-            return super()._clip(grads)
-        total_l2 = grads.total_norm()
-        norms, _ = grads.stats_for(self._spec, True)
-        if grads.gathered is not None:
-            coef = _engine.clip_coefficient(self.max_norm, norms)
-            _engine.clip_in_place(grads.gathered, coef, float("inf"))
+            return super().apply(grads)
+        total_l2 = grads.total_l2()
+        norms, _ = grads.norms(self._spec, per_tensor=True)
+        grads.write(_norms.clip_coefficient(self.max_norm, norms))
         return total_l2
 
 
@@ -236,10 +160,9 @@ class ClipByValue(Clipper):
         self.value = check_bound(value, "value")
         self.group = group
 
-    def _clip(self, grads: _Grads) -> torch.Tensor:
-        total = grads.total_norm()
-        if grads.gathered is not None:
-            _engine.clip_in_place(grads.gathered, None, self.value)
+    def apply(self, grads: GradSet) -> torch.Tensor:
+        total = grads.total_l2()
+        grads.write(None, self.value)
         return total
 
 
@@ -278,8 +201,8 @@ class AutoClip(Clipper):
 
     _STATE_KEYS = frozenset({"norms", "count"})
 
-    def _global_coefficient(self, grads: _Grads) -> tuple[torch.Tensor, torch.Tensor]:
-        total = grads.total_norm()
+    def global_coefficient(self, grads: GradSet) -> tuple[torch.Tensor, torch.Tensor]:
+        total = grads.total_l2()
         if self._norms is None or self._norms.device != total.device:
             self._norms = torch.zeros(self.history, dtype=torch.float64, device=total.device)
         self._norms[self._count % self.history] = total
@@ -288,7 +211,7 @@ class AutoClip(Clipper):
         # A non-finite norm in the history would poison the quantile; keep finite ones out of it.
         finite = torch.where(seen.isfinite(), seen, torch.zeros_like(seen))
         threshold = torch.quantile(finite, self.percentile / 100.0)
-        return total, _engine.clip_coefficient(threshold, total)
+        return total, _norms.clip_coefficient(threshold, total)
 
     def state_dict(self) -> dict:
         return {"norms": None if self._norms is None else self._norms.clone(), "count": self._count}
@@ -336,8 +259,8 @@ class ZClip(Clipper):
 
     _STATE_KEYS = frozenset({"warm", "mean", "var", "count"})
 
-    def _global_coefficient(self, grads: _Grads) -> tuple[torch.Tensor, torch.Tensor]:
-        total = grads.total_norm()
+    def global_coefficient(self, grads: GradSet) -> tuple[torch.Tensor, torch.Tensor]:
+        total = grads.total_l2()
         finite = total.isfinite()
         if self._count < self.warmup:
             if self._warm is None:
@@ -351,7 +274,7 @@ class ZClip(Clipper):
         mean, std = self._mean, (self._var + self.eps).sqrt()
         z = (total - mean) / std
         limit = torch.where(z > self.z_thresh, mean + (self.z_thresh / z) * std, total)
-        coef = _engine.clip_coefficient(torch.where(finite, limit, total), total)
+        coef = _norms.clip_coefficient(torch.where(finite, limit, total), total)
         clipped = torch.where(finite, torch.minimum(total, limit), mean)
         new_mean = self.alpha * mean + (1 - self.alpha) * clipped
         new_var = self.alpha * self._var + (1 - self.alpha) * (clipped - new_mean) ** 2
@@ -377,8 +300,8 @@ class AGC(Clipper):
     gradient norm is capped at ``clip_factor * max(||w_unit||, eps)``: a unit's step stays small
     relative to its weights. Matches ``timm.utils.adaptive_clip_grad``, ``norm_type`` included;
     a parameter listed twice (tied weights) is clipped once. The unit norms of weights and
-    gradients come from the fused kernels over a table with one entry per unit, not from a
-    Python loop over rows. The returned norm is the total L2 norm before clipping, as for every
+    gradients come from the fused kernels of whichever backend serves the device (CPU or GPU)
+    over a table with one entry per unit, not from a Python loop over rows. The returned norm is the total L2 norm before clipping, as for every
     clipper.
 
     Args:
@@ -409,81 +332,23 @@ class AGC(Clipper):
         self._spec = parse_norm_type(norm_type)
         self._exclude = {id(p) for p in exclude}
 
-    def _clip(self, grads: _Grads) -> torch.Tensor:
-        total = grads.total_norm()
+    def apply(self, grads: GradSet) -> torch.Tensor:
+        total = grads.total_l2()
         seen = set(self._exclude)  # and each parameter once: clipping twice would square
         params = [p for p in grads.params if not (id(p) in seen or seen.add(id(p)))]
         if not params:
             return total
-        if grads.gathered is not None:
-            _engine.check_writable(grads.gathered)  # before the first row is scaled
+        grads.check_writable()  # before the first row is scaled
         # this rank's rows of each weight and gradient (exact for row-sharded DTensors)
         ws = distributed.local_parts([p.detach() for p in params])
-        gs = distributed.local_shards([p.grad for p in params])  # (Partial refused in of())
-        w_norm = _unit_norms(ws, self._spec)
-        g_norm = _unit_norms(gs, self._spec)
+        gs = distributed.local_shards([p.grad for p in params])  # (Partial refused already)
+        w_norm = _engine.unit_norms(ws, self._spec)
+        g_norm = _engine.unit_norms(gs, self._spec)
         max_norm = w_norm.clamp(min=self.eps) * self.clip_factor
         coef = torch.where(g_norm < max_norm, torch.ones_like(g_norm),
                            max_norm / g_norm.clamp(min=1e-6))
-        _scale_units_(gs, coef)
+        _engine.scale_units_(gs, coef)
         return total
-
-
-def _units(t: torch.Tensor) -> int:
-    return 1 if t.dim() <= 1 else t.shape[0]
-
-
-def _unit_table(tensors: list[torch.Tensor]) -> WorkSet | None:
-    """One table entry per unit, built with numpy (no Python loop over rows); None when a tensor
-    is not contiguous and dense, or the compiled backends are not in use."""
-    from ._table import DTYPE_CODES, PLAIN_TENSOR_TYPES
-
-    if any(not t.is_contiguous() or t.layout != torch.strided or t.device.type != "cpu"
-           or type(t) not in PLAIN_TENSOR_TYPES for t in tensors):
-        return None  # (a subclass may keep its values elsewhere: the torch path handles it)
-    units = np.array([_units(t) for t in tensors], dtype=np.int64)
-    numel = np.array([t.numel() for t in tensors], dtype=np.int64)
-    per_unit = np.where(units > 0, numel // np.maximum(units, 1), 0)
-    itemsize = np.array([t.element_size() for t in tensors], dtype=np.uint64)
-    base = np.array([t.data_ptr() for t in tensors], dtype=np.uint64)
-    owner = np.repeat(np.arange(len(tensors)), units)
-    first = np.concatenate([[0], np.cumsum(units)[:-1]])
-    row = np.arange(units.sum()) - first[owner]
-    addresses = base[owner] + row.astype(np.uint64) * per_unit[owner].astype(np.uint64) * itemsize[owner]
-    codes = np.array([DTYPE_CODES[t.dtype] for t in tensors], dtype=np.int8)[owner]
-    return WorkSet(work=[], codes=codes, numel=per_unit[owner], addresses=addresses)
-
-
-def _compiled_backend():
-    from .backends import backend_for
-
-    b = backend_for(torch.device("cpu"))
-    return b if b.name in ("cpp", "numba") else None
-
-
-def _unit_norms(tensors: list[torch.Tensor], spec: NormSpec) -> torch.Tensor:
-    """float64 norm of every unit of every tensor, concatenated in order."""
-    backend = _compiled_backend()
-    table = _unit_table(tensors) if backend is not None else None
-    if table is not None:
-        raw = backend.tensor_stats(table, spec)
-        return _engine.per_tensor_norms(raw, torch.from_numpy(table.numel), spec)
-    return torch.cat([torch.linalg.vector_norm(t.double().reshape(_units(t), -1), spec.p, dim=1)
-                      for t in tensors])
-
-
-def _scale_units_(tensors: list[torch.Tensor], coef: torch.Tensor) -> None:
-    backend = _compiled_backend()
-    table = _unit_table(tensors) if backend is not None else None
-    if table is not None:
-        backend.clip_in_place(table, coef.to(torch.float64), float("inf"))
-        return
-    start = 0
-    for t in tensors:
-        n = _units(t)
-        c = coef[start:start + n].to(t.dtype)
-        t.mul_(c.reshape(()) if t.dim() <= 1 else c.reshape((n,) + (1,) * (t.dim() - 1)))
-        start += n
 
 
 def as_clipper(clip) -> Clipper | None:

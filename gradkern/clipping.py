@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _engine, distributed
-from ._norm_spec import NormSpec, parse_norm_type
-from ._table import result_dtype
+from . import _norms, distributed
+from ._grad_set import GradSet, Intent
+from ._norms import NormSpec, parse_norm_type
 from ._params import TensorOrTensors, check_bound, grads_of, split_names
 
 __all__ = ["get_total_norm", "clip_grads_with_norm_", "clip_grad_norm_", "clip_grad_value_",
@@ -17,129 +17,15 @@ __all__ = ["get_total_norm", "clip_grads_with_norm_", "clip_grad_norm_", "clip_g
 
 
 
-def _check_finite(total: torch.Tensor, g, raw, spec: NormSpec, across_ranks: bool) -> None:
-    """``error_if_nonfinite``: RuntimeError unless the norm as torch returns it (in the
-    gradients' dtype, where a large finite norm can overflow) is finite. The message names the
-    non-finite gradients where this rank knows them. Syncs with the device, as torch does."""
-    dtype = _result_dtype(g)
-    if bool(torch.isfinite(total.to(dtype))):
-        return
-    names = (_engine.nonfinite_names(g, raw.nonfinite)
-             if isinstance(g, _engine.Gathered) and raw is not None else [])
-    if names:
-        where = f" Non-finite gradients: {', '.join(names)}."
-    elif bool(torch.isfinite(total)):
-        where = (f" The gradients are finite, but their norm ({float(total):.6g}) overflows "
-                 f"{dtype}.")
-    elif across_ranks and raw is not None or g is None:
-        where = " The non-finite gradients are on another rank."
-    else:
-        where = ""
-    raise RuntimeError(
-        f"The total norm of order {spec.p} for gradients from `parameters` is non-finite, so it "
-        f"cannot be clipped.{where} To disable this error and scale the gradients by the "
-        f"non-finite norm anyway, set `error_if_nonfinite=False`")
-
-
-def _check_defined(g, spec: NormSpec) -> None:
-    """A negative order has no value over zero elements (torch raises for an empty tensor):
-    the minimum, or a sum of |g|^p, over nothing."""
-    if spec.p >= 0:
-        return
-    sets = g if isinstance(g, list) else ([] if g is None else [g])
-    if not any(int(group.work.numel.sum()) for one in sets for group in one.groups):
-        raise RuntimeError(f"the norm of order {spec.p} of zero elements is undefined (it has "
-                           "no identity value); torch raises for it too")
-
-
-def _norms(
-    tensors: list[torch.Tensor], names, spec: NormSpec, error_if_nonfinite: bool,
-    group=None, per_tensor: bool = False, write: str | None = None,
-) -> tuple[_engine.Gathered | None, torch.Tensor | None, torch.Tensor]:
-    """(gathered, per-tensor norms, total norm), float64. Raises before any write. The
-    per-tensor norms are None unless ``per_tensor`` asks for them. ``write`` says what the
-    caller will do to the gathered tensors: None (nothing), ``"scale"`` or ``"clamp"``; it
-    matters only for Partial DTensors (see :func:`_dtensor_norms`).
-
-    With ``group``, the statistics are those of the whole set across the ranks (see
-    :mod:`gradkern.distributed`); the gathered tensors are this rank's (None when it has none).
-    """
-    fused = _engine.fused_stats(tensors, names, spec) if group is None else None
-    if fused is None and distributed.any_dtensor(tensors):
-        return _dtensor_norms(tensors, names, spec, error_if_nonfinite, group, per_tensor,
-                              write)
-    if group is None:
-        g, raw, numel = fused or _engine.gather_stats(tensors, names, spec, fused_failed=True)
-        _check_defined(g, spec)
-        total = _engine.total_norm(raw, numel, spec)
-        if error_if_nonfinite:
-            _check_finite(total, g, raw, spec, across_ranks=False)
-        return g, _engine.per_tensor_norms(raw, numel, spec) if per_tensor else None, total
-
-    g, raw, numel, error = distributed.local_stats(tensors, names, spec)
-    device = distributed.collective_device(group, None if g is None else g.device)
-    if per_tensor:
-        raw_all, numel_all = distributed.reduce_per_tensor(raw, numel, len(tensors), spec, group,
-                                                           device, error, error_if_nonfinite)
-        norms = _engine.per_tensor_norms(raw_all, numel_all, spec)
-        total = _engine.total_norm(raw_all, numel_all, spec)
-    else:
-        totals = distributed.reduce_totals(raw, numel, spec, group, device, error,
-                                           error_if_nonfinite)
-        norms, total = None, totals.norm(spec)
+def _norms_of(gradients: GradSet, spec: NormSpec, error_if_nonfinite: bool,
+              per_tensor: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(per-tensor norms or None, total norm)``, float64, with the drop-ins' checks: a
+    negative order over nothing, and ``error_if_nonfinite``. Raises before any write."""
+    norms, total = gradients.norms(spec, per_tensor=per_tensor, may_sync=error_if_nonfinite)
+    gradients.check_defined(spec)
     if error_if_nonfinite:
-        _check_finite(total, g, raw, spec, across_ranks=True)
-    return g, norms, total
-
-
-def _dtensor_norms(tensors, names, spec: NormSpec, error_if_nonfinite: bool, group,
-                   per_tensor: bool, write: str | None):
-    """Norms of a list holding DTensor gradients (FSDP2, tensor parallel): each set of DTensors
-    with the same mesh and placements is reduced over the mesh dimensions that shard it;
-    plain tensors over ``group`` (or not at all). Returns a list of gathered local shards (one
-    per set) and, with ``per_tensor``, a list of whole-tensor norms (one tensor per set).
-
-    A Partial DTensor's statistics are those of its sum (its terms are reduced into a new
-    tensor), so the set gathered for ``write`` is its own local term: scaling each term scales
-    the sum; clamping does not, and ``write="clamp"`` raises TypeError before anything runs.
-    """
-    if write == "clamp":
-        distributed.refuse_partial(tensors, "clip_")
-    parts, gathered, set_norms = [], [], []
-    work = distributed.reduction_sets(tensors, group)
-    for idx, groups in work:
-        subset = [tensors[i] for i in idx]
-        sub_names = None if names is None else [names[i] for i in idx]
-        items = distributed.local_parts(subset)
-        g, raw, numel, error = distributed.local_stats(items, sub_names, spec)
-        if write is not None and g is not None and distributed.has_partial(subset):
-            # the parts read above include reduced copies; the writes go to the terms
-            g = _engine.gather(distributed.local_shards(subset), sub_names)
-        device = g.device if g is not None else items[0].device
-        if per_tensor:  # whole-tensor norms of this set, entry-wise over its sharding groups
-            raw_all, numel_all = distributed.reduce_per_tensor(raw, numel, len(idx), spec,
-                                                               groups, device, error,
-                                                               error_if_nonfinite)
-            set_norms.append(_engine.per_tensor_norms(raw_all, numel_all, spec))
-        parts.append(distributed.reduce_totals(raw, numel, spec, groups, device, error,
-                                               error_if_nonfinite))
-        if g is not None:
-            gathered.append(g)
-    total = distributed.combine_totals(parts).norm(spec)
-    if error_if_nonfinite:
-        _check_finite(total, gathered, None, spec, across_ranks=True)
-    return gathered, (set_norms if per_tensor else None), total
-
-
-def _clip_each(g, coef, value: float) -> None:
-    """clip_in_place over one gathered set, a list of them (DTensor sets), or none. ``coef``
-    is one tensor for all, or (per-tensor clipping of DTensor sets) a list, one per set."""
-    sets = g if isinstance(g, list) else ([] if g is None else [g])
-    coefs = coef if isinstance(coef, list) else [coef] * len(sets)
-    for one in sets:  # every set, before the first is written
-        _engine.check_writable(one)
-    for one, c in zip(sets, coefs):
-        _engine.clip_in_place(one, c, value)
+        gradients.check_finite(total, spec)
+    return norms, total
 
 
 def get_total_norm(
@@ -196,24 +82,9 @@ def get_total_norm(
     items, names = split_names(tensors)
     if not items and group is None:
         return torch.tensor(0.0)
-    g, _, total = _norms(items, names, spec, error_if_nonfinite, group)
-    return _returned(total, g, items)
-
-
-def _returned(total: torch.Tensor, g, tensors: list) -> torch.Tensor:
-    """The norm as torch returns it: in the gradients' promoted dtype, and for DTensor
-    gradients (FSDP2, tensor parallel) a DTensor, replicated, whose ``full_tensor()`` is it."""
-    value = total.to(_result_dtype(g))
-    if isinstance(g, list):  # the DTensor path of _norms
-        return distributed.replicated_like(value, tensors)
-    return value
-
-
-def _result_dtype(g) -> torch.dtype:
-    """torch's promoted dtype of the gradients; the default dtype for a rank that has none."""
-    if isinstance(g, list):
-        return result_dtype({one.dtype for one in g}) if g else torch.get_default_dtype()
-    return torch.get_default_dtype() if g is None else g.dtype
+    gradients = GradSet.of(items, names, group=group)
+    _, total = _norms_of(gradients, spec, error_if_nonfinite)
+    return gradients.returned(total)
 
 
 @torch.no_grad()
@@ -260,10 +131,9 @@ def clip_grads_with_norm_(
     if not grads:
         return
     # scaling is linear, so each DTensor's local tensor is scaled where it lives, Partial too
-    g = _engine.gather(distributed.local_shards(grads), names)
-    total = torch.as_tensor(total_norm, device=g.device)
-    _engine.clip_in_place(g, _engine.clip_coefficient(max_norm, total).reshape(1),
-                          float("inf"))
+    gradients = GradSet.of(grads, names, intent=Intent.SCALE)
+    total = torch.as_tensor(total_norm, device=grads[0].device)
+    gradients.write(_norms.clip_coefficient(max_norm, total).reshape(1))
 
 
 def _check_total_norm(total_norm) -> None:
@@ -346,9 +216,10 @@ def clip_grad_norm_(
     grads, names = grads_of(parameters, warn_empty_generator=True)
     if not grads and group is None:
         return torch.tensor(0.0)
-    g, _, total = _norms(grads, names, spec, error_if_nonfinite, group, write="scale")
-    _clip_each(g, _engine.clip_coefficient(max_norm, total).reshape(1), float("inf"))
-    return _returned(total, g, grads)
+    gradients = GradSet.of(grads, names, group=group, intent=Intent.SCALE)
+    _, total = _norms_of(gradients, spec, error_if_nonfinite)
+    gradients.write(_norms.clip_coefficient(max_norm, total).reshape(1))
+    return gradients.returned(total)
 
 
 @torch.no_grad()
@@ -385,12 +256,8 @@ def clip_grad_value_(
     grads, names = grads_of(parameters)
     if not grads:
         return
-    # Elementwise, so a DTensor's local shard is clamped where it lives. (any_dtensor checks
-    # each distinct type once: a per-tensor check costs ~1.5 ms over 10,000 cold gradients.)
-    if distributed.any_dtensor(grads):
-        distributed.refuse_partial(grads, "clip_grad_value_")
-        grads = distributed.local_shards(grads)
-    _engine.clip_in_place(_engine.gather(grads, names), None, clip_value)
+    # elementwise, so a DTensor's local shard is clamped where it lives
+    GradSet.of(grads, names, intent=Intent.CLAMP, what="clip_grad_value_").write(None, clip_value)
 
 
 @torch.no_grad()
@@ -452,15 +319,14 @@ def clip_(
     grads, names = grads_of(parameters)
     if not grads and group is None:
         return torch.tensor(0.0)
-    g, norms, total = _norms(grads, names, spec, error_if_nonfinite, group,
-                             per_tensor=per_tensor and max_norm is not None,
-                             write="clamp" if value is not None else
-                             "scale" if max_norm is not None else None)
+    intent = (Intent.CLAMP if value is not None else
+              Intent.SCALE if max_norm is not None else Intent.READ)
+    gradients = GradSet.of(grads, names, group=group, intent=intent)
+    norms, total = _norms_of(gradients, spec, error_if_nonfinite,
+                             per_tensor=per_tensor and max_norm is not None)
     coef = None
-    if max_norm is not None and per_tensor and isinstance(norms, list):  # DTensor sets
-        coef = [_engine.clip_coefficient(max_norm, n) for n in norms]
-    elif max_norm is not None:
-        coef = _engine.clip_coefficient(max_norm, norms if per_tensor else total.reshape(1))
+    if max_norm is not None:
+        coef = _norms.clip_coefficient(max_norm, norms if per_tensor else total.reshape(1))
     if coef is not None or value is not None:
-        _clip_each(g, coef, value_bound)
-    return _returned(total, g, grads)
+        gradients.write(coef, value_bound)
+    return gradients.returned(total)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._norm_spec import NormKind, NormSpec
+from ._norms import NormKind, NormSpec, root
 from .backends import RawStats
 
 __all__ = ["Totals", "reduce_totals", "reduce_per_tensor", "local_stats", "collective_device",
@@ -106,14 +106,10 @@ class Totals:
 
     def norm(self, spec: NormSpec) -> torch.Tensor:
         """The p-norm of the whole set (NaN when any tensor holds a NaN)."""
-        if spec.kind == NormKind.L2:
-            value = self.power.sqrt()
-        elif spec.kind == NormKind.L1:
-            value = self.power
-        elif spec.kind == NormKind.POWER:
-            value = self.power.pow(1.0 / spec.p)
-        elif spec.kind == NormKind.MIN_ABS:
+        if spec.kind == NormKind.MIN_ABS:
             value = self.min_abs
+        elif spec.kind != NormKind.NONE:
+            value = root(self.power, spec)
         elif spec.p == 0.0:
             value = self.numel - self.zeros
         else:
@@ -160,8 +156,19 @@ def reduce_totals(raw: RawStats | None, numel: torch.Tensor | None, spec: NormSp
     for g in group if isinstance(group, list) else [group]:
         _reduce(sums, maxes, g)
     finish(error, sums[5], may_sync)
+    return _totals(sums, maxes, nan_tensors=_poison(sums[4], sums[5]))
+
+
+def totals_of(raw: RawStats, numel: torch.Tensor, spec: NormSpec, device: torch.device) -> Totals:
+    """The totals of per-tensor statistics that are already whole (reduced entry by entry),
+    with no collective."""
+    sums, maxes = _local_totals(raw, numel, spec, device, failed=False)
+    return _totals(sums, maxes, nan_tensors=sums[4])
+
+
+def _totals(sums: torch.Tensor, maxes: torch.Tensor, nan_tensors: torch.Tensor) -> Totals:
     return Totals(power=sums[0], max_abs=maxes[0], min_abs=-maxes[1], nonfinite=sums[1],
-                  zeros=sums[2], numel=sums[3], nan_tensors=_poison(sums[4], sums[5]))
+                  zeros=sums[2], numel=sums[3], nan_tensors=nan_tensors)
 
 
 def reduce_per_tensor(raw: RawStats | None, numel: torch.Tensor | None, n: int,

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import _engine, distributed
-from ._norm_spec import parse_norm_type
+from . import _norms, distributed
 from ._optimizer_step import (FusedStep, closure_of, drop_momentum_buffers,
                               first_fused_sgd_step, give_back, hold_grads, resolve_optimizer,
                               takes_grad_scale, with_closure)
+from ._grad_set import GradSet, Intent
 from ._params import present_grads
 from .backends import RawStats
-from .clippers import Clipper, _Grads, as_clipper
+from .clippers import Clipper, as_clipper
 from .detectors import Detector, StepStats, default_detectors
 from .events import Event
 from .layers import LayerMap, registrations, watch_registrations
@@ -47,7 +47,6 @@ SKIPPED_NONFINITE, SKIPPED_BY_SCALER = 1, 2
 # the whole fp32 range; fp64 values beyond it land in the end bins.
 HIST_MIN, HIST_MAX = -150, 130
 HIST_BINS = HIST_MAX - HIST_MIN
-_L2 = parse_norm_type(2.0)
 
 
 def _empty_like_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -445,22 +444,22 @@ class Monitor:
         """Stats of the current grads into the ring, then (``act``) skip or clip. Returns which
         parameters had a gradient (``present`` of :meth:`_current_grads`)."""
         slot = len(self._ring_steps)
-        present, params, local_grads = self._current_grads()
-        if not params:
+        present, gradients = self._current_grads()
+        if gradients is None:
             self._empty_slot()
             return present
+        params, local_grads = gradients.params, gradients.tensors
         self._ring_steps.append(self.steps)
         self._ring_skipped.append(0)
         fused = state.fused if state is not None else None
         # the element counts on the device only for a clipper (a kernel launch otherwise spent)
-        g, raw, numel = _engine.gather_stats(local_grads, None, _L2,
-                                             counts=self.clipper is not None and act)
+        raw, _ = gradients.local_stats(_norms.L2, counts=self.clipper is not None and act)
         device = raw.power_sum.device
         inv_scale = None
         if fused is not None and fused.scale is not None:  # still scaled by GradScaler
             inv_scale = fused.scale.to(device, torch.float64).reciprocal()
-            raw = RawStats(raw.power_sum * inv_scale.square(), raw.max_abs * inv_scale,
-                           raw.nonfinite, raw.zeros)
+            gradients.unscale_stats(inv_scale)
+            raw, _ = gradients.local_stats(_norms.L2, counts=False)
         if self._ring is None:
             self._ring = torch.empty(self.log_every, _FIELDS, len(self.layers.params),
                                      dtype=torch.float64, device=device)
@@ -485,16 +484,15 @@ class Monitor:
             self._ring_skipped[slot] |= SKIPPED_NONFINITE
             return present
         if self.clipper is not None:
-            grads = _Grads(params, g, raw, numel, self.group, inv_scale=inv_scale)
-            found = self.clipper._global_coefficient(grads) if fused is not None else None
+            found = self.clipper.global_coefficient(gradients) if fused is not None else None
             if found is not None:
                 fused.fold(found[1])  # applied by the optimizer's own kernel
             else:
                 if inv_scale is not None:  # the clipper needs the true gradients first
                     _unscale_(local_grads, inv_scale)
                     fused.unscaled()
-                    grads.inv_scale = None
-                self.clipper._clip(grads)
+                    gradients.inv_scale = None
+                self.clipper.apply(gradients)
         return present
 
     def _nonfinite_any(self, raw: RawStats) -> torch.Tensor:
@@ -524,22 +522,22 @@ class Monitor:
         self._ring_skip[slot] = reason
         self._device_skips = True
 
-    def _current_grads(self) -> tuple[tuple[int, ...] | None, list, list[torch.Tensor]]:
-        """``(present, params, local_grads)``: the watched parameters that have a gradient now,
-        and this rank's part of each gradient. ``present`` lists their positions, or is None
-        when every parameter has one (the usual step, which then builds no index list)."""
+    def _current_grads(self) -> tuple[tuple[int, ...] | None, GradSet | None]:
+        """``(present, gradients)``: the watched parameters that have a gradient now, as a
+        gradient set (None when none has), read through this rank's part of each (FSDP2,
+        tensor parallel). ``present`` lists their positions, or is None when every parameter
+        has one (the usual step, which then builds no index list)."""
         params = self.layers.params
         grads, kept = present_grads(params)
         present = None
         if kept is not None:
             present = tuple(kept)
             params = [params[i] for i in present]
-        if not distributed.any_dtensor(grads):  # one check per distinct type
-            return present, params, grads
-        if self.clipper is None:  # FSDP2, tensor parallel: this rank's part of each
-            return present, params, distributed.local_parts(grads)
-        distributed.refuse_partial(grads, "the Monitor's clipper")
-        return present, params, distributed.local_shards(grads)  # it writes: never copies
+        if not params:
+            return present, None
+        intent = Intent.READ if self.clipper is None else Intent.CLAMP
+        return present, GradSet.of_local(grads, None, group=self.group, intent=intent,
+                                         what="the Monitor's clipper", params=params)
 
     def _layers_of(self, present: tuple[int, ...] | None, device: torch.device,
                    local_grads: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
@@ -606,9 +604,9 @@ class Monitor:
     def _measure_updates(self) -> None:
         present, params, before = self._snapshot
         self._snapshot = None
-        _, w_raw, _ = _engine.gather_stats(before, None, _L2, counts=False)
+        w_raw, _ = GradSet.of_local(before).local_stats(_norms.L2, counts=False)
         torch._foreach_sub_(before, distributed.local_parts(params))  # before becomes -update
-        _, d_raw, _ = _engine.gather_stats(before, None, _L2, counts=False)
+        d_raw, _ = GradSet.of_local(before).local_stats(_norms.L2, counts=False)
         index, _ = self._layers_of(present, w_raw.power_sum.device, before)
         sums = torch.stack([w_raw.power_sum, d_raw.power_sum])
         # weight^2 and update^2 per layer: reduced as sums, square roots on the host

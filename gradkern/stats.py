@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _engine, distributed
+from . import _norms
+from ._grad_set import GradSet
 from .backends import RawStats
-from ._norm_spec import parse_norm_type
+from ._norms import parse_norm_type
 from ._params import TensorOrTensors, grads_of
 
 __all__ = ["GradStats", "grad_stats", "find_nonfinite"]
@@ -65,19 +66,15 @@ def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0, *, group=Non
         found = _compiled.grad_stats(grad_stats, parameters, norm_type, group)
         if isinstance(found, GradStats):  # (computed outside the graph)
             return found
-        names, raw, numel, spec, has_fp64 = found
-        return _empty(names) if raw is None else _from_raw(names, raw, numel, spec, has_fp64)
+        names, raw, numel, spec, dtype = found
+        return _empty(names) if raw is None else _from_raw(names, raw, numel, spec, dtype)
     spec = parse_norm_type(norm_type)
     grads, names = grads_of(parameters)
     if not grads and group is None:
         return _empty(names)
-    # Plain tensors first: a list the fast path takes holds no DTensor, and looking for one in
-    # 20,000 tensors costs a third of a GPU call's host time.
-    fused = _engine.fused_stats(grads, names, spec) if group is None else None
-    if fused is None and (group is not None or distributed.any_dtensor(grads)):
-        return _grad_stats_across(grads, names, spec, group)
-    g, raw, numel = fused or _engine.gather_stats(grads, names, spec, fused_failed=True)
-    return _from_raw(names, raw, numel, spec, g.dtype == torch.float64)
+    gradients = GradSet.of(grads, names, group=group)
+    raw, numel = gradients.whole_tensor_stats(spec)
+    return _from_raw(names, raw, numel, spec, gradients.dtype)
 
 
 def _empty(names) -> GradStats:
@@ -86,51 +83,19 @@ def _empty(names) -> GradStats:
     return GradStats(names, empty_f, empty_f, empty_i, empty_i, empty_i, torch.tensor(0.0))
 
 
-def _from_raw(names, raw: RawStats, numel: torch.Tensor, spec, has_fp64: bool) -> GradStats:
-    """GradStats from per-tensor statistics: norms in fp32, fp64 when a gradient is fp64."""
-    out_dtype = torch.float64 if has_fp64 else torch.float32
+def _from_raw(names, raw: RawStats, numel: torch.Tensor, spec,
+              dtype: torch.dtype | None) -> GradStats:
+    """GradStats from per-tensor statistics of gradients whose promoted dtype is ``dtype``."""
+    out_dtype = _norms.stats_dtype(dtype)
     return GradStats(
         names=names,
-        norm=_engine.per_tensor_norms(raw, numel, spec).to(out_dtype),
+        norm=_norms.per_tensor_norms(raw, numel, spec).to(out_dtype),
         max_abs=raw.max_abs.to(out_dtype),
         nonfinite=raw.nonfinite,
         zeros=raw.zeros,
         numel=numel,
-        total_norm=_engine.total_norm(raw, numel, spec).to(out_dtype),
+        total_norm=_norms.total_norm(raw, numel, spec).to(out_dtype),
     )
-
-
-def _grad_stats_across(grads, names, spec, group) -> GradStats:
-    """grad_stats of shards: with ``group``, entry i of every rank is a part of the same
-    gradient i; a DTensor gradient is reduced over the mesh dimensions that shard it."""
-    work = distributed.reduction_sets(grads, group)
-    n = len(grads)
-    pieces = []
-    for idx, groups in work:
-        items = [distributed.dtensor_local(grads[i]) if distributed.is_dtensor(grads[i])
-                 else grads[i] for i in idx]
-        g, raw, numel, error = distributed.local_stats(items, None, spec)
-        if g is not None:
-            device = g.device
-        elif group is not None:
-            device = distributed.collective_device(group)
-        else:
-            device = items[0].device if items else torch.device("cpu")
-        raw, numel = distributed.reduce_per_tensor(raw, numel, len(idx), spec, groups, device,
-                                                   error)
-        pieces.append((idx, raw, numel, None if g is None else g.dtype))
-    device = pieces[0][1].power_sum.device
-    f64, i64 = torch.float64, torch.int64
-    full = {k: torch.zeros(n, dtype=f64 if k in ("power_sum", "max_abs") else i64, device=device)
-            for k in ("power_sum", "max_abs", "nonfinite", "zeros")}
-    full_numel = torch.zeros(n, dtype=i64, device=device)
-    for idx, raw, numel, _ in pieces:
-        index = torch.tensor(idx, dtype=torch.long, device=device)
-        for k in full:
-            full[k][index] = getattr(raw, k).to(device)
-        full_numel[index] = numel.to(device)
-    has_fp64 = any(d == torch.float64 for *_, d in pieces)
-    return _from_raw(names, RawStats(**full), full_numel, spec, has_fp64)
 
 
 @torch.no_grad()
@@ -156,6 +121,4 @@ def find_nonfinite(parameters: TensorOrTensors) -> list[str]:
     grads, names = grads_of(parameters)
     if not grads:
         return []
-    g, raw, _ = _engine.gather_stats(distributed.local_parts(grads), names,
-                                     parse_norm_type(float("inf")))
-    return _engine.nonfinite_names(g, raw.nonfinite)
+    return GradSet.of(grads, names).nonfinite_names()

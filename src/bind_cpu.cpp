@@ -9,6 +9,7 @@
 
 #include "gradkern/build_info.h"
 #include "gradkern/ops.h"
+#include "export_constants.h"
 #include "python_tensor_table.h"
 #include "torch_layout.h"
 
@@ -186,7 +187,7 @@ gradkern_py::TorchLayout make_torch_layout(py::handle tensor_type, Py_ssize_t im
 
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "gradkern CPU kernels (C++, OpenMP when available)";
-  m.attr("CHUNK_ELEMS") = kChunkElems;
+  gradkern_py::export_constants(m);
   m.def("tensor_stats", &py_tensor_stats, py::arg("data"), py::arg("numel"), py::arg("dtype"),
         py::arg("kind"), py::arg("p"), py::arg("power_sum"), py::arg("max_abs"),
         py::arg("nonfinite"), py::arg("zeros"),

@@ -12,6 +12,8 @@
 #include "gradkern/cuda_runtime_info.h"
 #include "gradkern/tensor_table.h"
 
+#include "export_constants.h"
+
 namespace py = pybind11;
 using namespace gradkern;
 
@@ -47,7 +49,7 @@ void check_launch(const char* what) {
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "gradkern CUDA kernels (multi-tensor, one launch per pass, no host sync)";
-  m.attr("CHUNK_ELEMS") = kChunkElems;
+  gradkern_py::export_constants(m);
   m.attr("WORKSPACE_WORDS") = cuda::kWorkspaceWords;
   m.def("runtime_info", [] {
     const auto info = cuda::runtime_info();

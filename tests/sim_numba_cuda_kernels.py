@@ -15,7 +15,7 @@ import torch
 from numba import cuda
 
 from gradkern import _chunks
-from gradkern._table import DTYPE_CODES
+from gradkern._constants import DTYPE_CODES
 from gradkern.backends import _numba_cuda_kernels as k
 from gradkern.backends._clip_bounds import clip_bounds
 

@@ -219,3 +219,25 @@ def test_new_gradients_inside_a_graph_capture_raise_a_clear_error():
             gk.get_total_norm(grads)
     # outside the capture the same call works, and then it can be captured
     torch.testing.assert_close(gk.get_total_norm(grads).cpu(), torch.tensor(1400.0).sqrt())
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_agc_runs_on_the_gpu_kernels_and_matches_timm(norm_type):
+    """AGC's unit table (one entry per row) goes to the CUDA kernels, as on the CPU."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.Linear(300, 7)).cuda()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 0.3
+    expected = {n: p.grad.detach().cpu().double() for n, p in model.named_parameters()}
+    for name, p in model.named_parameters():  # timm's rule in float64 on the CPU
+        w, g = p.detach().cpu().double(), expected[name]
+        dims = tuple(range(1, g.ndim))
+        unit = (lambda x: x.norm(norm_type)) if g.ndim <= 1 else \
+            (lambda x: x.norm(norm_type, dim=dims, keepdim=True))
+        max_norm = unit(w).clamp(min=1e-3) * 0.01
+        g_norm = unit(g)
+        expected[name] = torch.where(g_norm < max_norm, g, g * (max_norm / g_norm.clamp(min=1e-6)))
+    gk.AGC(clip_factor=0.01, norm_type=norm_type).clip_(model.parameters())
+    for name, p in model.named_parameters():
+        assert p.grad.device.type == "cuda"
+        torch.testing.assert_close(p.grad.cpu().double(), expected[name], rtol=1e-5, atol=1e-7)

@@ -124,7 +124,7 @@ def test_bigmem_tensor_over_2_31_elements(backend):
 _ISA_SCRIPT = """
 import numpy as np, torch, gradkern as gk
 from gradkern import _cpu
-from gradkern._table import DTYPE_CODES
+from gradkern._constants import DTYPE_CODES
 gk.set_backend("cpp")
 gen = torch.Generator().manual_seed(1)
 out = []

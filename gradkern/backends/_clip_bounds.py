@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from .._table import DTYPE_CODES
+from .._constants import DTYPE_CODES
 
 
 def clip_bounds(clip_value: float) -> tuple[np.ndarray, np.ndarray, bool]:

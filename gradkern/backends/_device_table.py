@@ -23,7 +23,7 @@ _CACHE_SIZE = 8
 
 def device_of(ws: WorkSet) -> torch.device:
     """The CUDA device of a work set, with its index always set."""
-    device = ws.work[0].device
+    device = ws.device if ws.device is not None else ws.work[0].device
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device

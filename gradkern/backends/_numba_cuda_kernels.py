@@ -21,9 +21,11 @@ import math
 import numpy as np
 from numba import config, cuda, types
 
-F32, F64, F16, BF16 = 0, 1, 2, 3  # codes from gradkern._table.DTYPE_CODES
-KIND_NONE, KIND_L1, KIND_L2, KIND_MIN_ABS, KIND_POWER = 0, 1, 2, 3, 4  # gradkern._norm_spec
-CHUNK_ELEMS = 1 << 16  # gradkern._chunks.CHUNK_ELEMS
+from .._constants import BF16, CHUNK_ELEMS, F16, F32, F64, NormKind
+
+# Plain ints, which Numba folds into the kernels as constants.
+KIND_NONE, KIND_L1, KIND_L2, KIND_MIN_ABS, KIND_POWER = map(int, (
+    NormKind.NONE, NormKind.L1, NormKind.L2, NormKind.MIN_ABS, NormKind.POWER))
 THREADS = 256  # threads per block; the block tree below assumes a power of two
 NO_MIN = (1 << 63) - 1  # identity of the min-magnitude fold (magnitudes never reach it)
 

@@ -18,8 +18,11 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
-F32, F64, F16, BF16 = 0, 1, 2, 3  # codes from gradkern._table.DTYPE_CODES
-KIND_NONE, KIND_L1, KIND_L2, KIND_MIN_ABS, KIND_POWER = 0, 1, 2, 3, 4
+from .._constants import BF16, CHUNK_ELEMS, F16, F32, F64, NormKind
+
+# Plain ints, which Numba folds into the kernels as constants.
+KIND_NONE, KIND_L1, KIND_L2, KIND_MIN_ABS, KIND_POWER = map(int, (
+    NormKind.NONE, NormKind.L1, NormKind.L2, NormKind.MIN_ABS, NormKind.POWER))
 
 
 @intrinsic
@@ -250,7 +253,7 @@ def tensor_stats(addresses, numels, codes, chunk_tensor, chunk_begin, first_chun
     c_nonfinite = np.empty(n_chunks, dtype=np.int64)
     c_zeros = np.empty(n_chunks, dtype=np.int64)
     c_nan = np.empty(n_chunks, dtype=np.bool_)
-    chunk = 1 << 16
+    chunk = CHUNK_ELEMS
     for c in prange(n_chunks):
         t = chunk_tensor[c]
         b = chunk_begin[c]
@@ -319,7 +322,7 @@ def _clip_bits(x, table, is_bf16, coef, c, scale):
 @njit(parallel=True, cache=True)
 def clip_in_place(addresses, numels, codes, chunk_tensor, chunk_begin, coef, clip_value):
     """``clip_value`` must already be rounded to each dtype by the caller (see numba_cpu)."""
-    chunk = 1 << 16
+    chunk = CHUNK_ELEMS
     for c in prange(chunk_tensor.shape[0]):
         t = chunk_tensor[c]
         b = chunk_begin[c]

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .._norm_spec import NormSpec
+from .._norms import NormSpec
 
 if TYPE_CHECKING:
     from .._table import WorkSet
@@ -47,6 +47,10 @@ class Backend(Protocol):
     """
 
     name: str
+    # Whether the kernels work from the table alone (addresses, counts, dtype codes), so that
+    # a table whose entries are not tensors (a unit table, one entry per row) can be passed;
+    # False for the reference, which runs torch ops on ``ws.work``.
+    reads_tables: bool
 
     def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
         """One read pass over every tensor."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from .._norm_spec import NormSpec
+from .._norms import NormSpec
 from .._table import WorkSet, reader_arguments
 from .base import RawStats, empty_stats
 
@@ -14,6 +14,7 @@ _cpu, IMPORT_ERROR = _native.cpu, _native.CPU_ERROR
 
 class CppBackend:
     name = "cpp"
+    reads_tables = True
 
     def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
         out = empty_stats(ws.size)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from .._norm_spec import NormSpec
+from .._norms import NormSpec
 from .._table import WorkSet
 from ._device_table import (DeviceTableCache, current_stream_handle, device_guard, device_of,
                             multiprocessors)
@@ -31,6 +31,7 @@ def runtime_info() -> dict | None:
 
 class CudaBackend:
     name = "cuda"
+    reads_tables = True
 
     def __init__(self) -> None:
         self._tables = DeviceTableCache()

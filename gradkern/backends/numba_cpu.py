@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._norm_spec import NormSpec
+from .._norms import NormSpec
 from .._table import WorkSet
 from .._chunks import chunk_plan
 from ._clip_bounds import clip_bounds
@@ -18,6 +18,7 @@ from .base import RawStats, empty_stats
 
 class NumbaBackend:
     name = "numba"
+    reads_tables = True
 
     def __init__(self) -> None:
         from . import _numba_kernels

@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from .._norm_spec import NormSpec
+from .._norms import NormSpec
 from .._table import WorkSet
 from ._device_table import (DeviceTable, DeviceTableCache, current_stream_handle, device_of,
                             multiprocessors, to_device_async)
@@ -38,6 +38,7 @@ def _launcher(kernel, blocks: int, threads: int, stream):
 
 class NumbaCudaBackend:
     name = "numba_cuda"
+    reads_tables = True
 
     def __init__(self) -> None:
         from numba import cuda

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from .._norm_spec import NormKind, NormSpec
+from .._norms import NormKind, NormSpec
 from .._table import WorkSet
 from .base import RawStats
 
 
 class TorchBackend:
     name = "torch"
+    reads_tables = False
 
     def tensor_stats(self, ws: WorkSet, spec: NormSpec) -> RawStats:
         device = ws.work[0].device

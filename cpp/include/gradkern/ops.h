@@ -3,18 +3,10 @@
 
 #include <cstdint>
 
+#include "gradkern/constants.h"  // NormKind
 #include "gradkern/tensor_table.h"
 
 namespace gradkern {
-
-// Which power sum the stats pass accumulates besides max |g|, non-finite and zero counts.
-enum class NormKind : int32_t {
-  none = 0,     // nothing beyond the fixed statistics (inf-norm, 0-"norm")
-  l1 = 1,       // sum |g|
-  l2 = 2,       // sum g^2
-  min_abs = 3,  // min |g| (the -inf "norm")
-  power = 4,    // sum |g|^p for any other p
-};
 
 // Per-tensor results of one read pass. Each array has table.size entries.
 struct TensorStatsOut {

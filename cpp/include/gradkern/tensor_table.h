@@ -7,10 +7,9 @@
 #include <cstdint>
 #include <vector>
 
-namespace gradkern {
+#include "gradkern/constants.h"  // DType, kChunkElems
 
-// Codes shared with gradkern/_table.py. Do not renumber.
-enum class DType : int8_t { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
+namespace gradkern {
 
 constexpr int element_size(std::int8_t code) {
   return code == static_cast<std::int8_t>(DType::f64)   ? 8
@@ -24,10 +23,6 @@ struct TensorTable {
   const std::int8_t* dtype;   // DType code of each tensor
   std::int64_t size;          // number of tensors
 };
-
-// Work is cut into chunks of at most kChunkElems elements. The partition depends only on the
-// tensor sizes, never on the thread count, which is what makes results bitwise reproducible.
-constexpr std::int64_t kChunkElems = std::int64_t{1} << 16;
 
 struct Chunk {
   std::int64_t tensor;  // index into the table
