@@ -43,22 +43,6 @@ BLOCK = 10  # steps per timed block: one log step at log_every=10
 MONITORED = {"log_every=1": 1, "log_every=10": 10}
 
 
-def _timed_hooks(mon: gk.Monitor, opt: torch.optim.Optimizer, watch: Stopwatch,
-                 label: str | None = None) -> None:
-    """Replaces the Monitor's optimizer hooks by wrappers that time them (and, given a label,
-    mark them for the profiler)."""
-    opt._optimizer_step_pre_hooks.clear()
-    opt._optimizer_step_post_hooks.clear()
-    for register, fn in ((opt.register_step_pre_hook, mon._pre_step),
-                         (opt.register_step_post_hook, mon._post_step)):
-        if label is not None:
-            def marked(*args, fn=fn, **kwargs):
-                with torch.profiler.record_function(label):
-                    return fn(*args, **kwargs)
-            fn = marked
-        register(watch.wrap(fn))
-
-
 def _device_us(events, name: str) -> float:
     """Total GPU time (us) of the kernels under the profiler ranges called ``name``."""
     for e in events:
@@ -85,10 +69,10 @@ def main() -> None:
     models = {"none": base, **{k: copy.deepcopy(base) for k in MONITORED}}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     watches = {k: Stopwatch() for k in MONITORED}
-    monitors = {k: gk.Monitor(models[k], opts[k], log_every=every)
+    monitors = {k: watches[k].around_step_hooks(
+                    opts[k], lambda k=k, every=every: gk.Monitor(models[k], opts[k],
+                                                               log_every=every))
                 for k, every in MONITORED.items()}
-    for k, mon in monitors.items():
-        _timed_hooks(mon, opts[k], watches[k])
     gen = torch.Generator(device=dev).manual_seed(0)
     batches = [torch.randint(0, 32_000, (args.batch, args.ctx + 1), generator=gen, device=dev)
                for _ in range(BLOCK)]
@@ -128,8 +112,8 @@ def main() -> None:
         # GPU time of the Monitor's kernels: a profiled block of each monitored copy, its hooks
         # marked, against the GPU time of a profiled bare block.
         device_share = {}
-        for key in MONITORED:
-            _timed_hooks(monitors[key], opts[key], Stopwatch(), label="gradkern.monitor")
+        for key in MONITORED:  # the stopwatches' spans now mark the hooks for the profiler
+            watches[key].label = "gradkern.monitor"
         for key in keys:
             sync()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,

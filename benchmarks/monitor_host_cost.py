@@ -37,18 +37,16 @@ CONFIGS = {  # name -> Monitor keyword arguments
 
 class _Run:
     """One configuration: its own model, optimizer and Monitor, with the Monitor's hooks timed
-    from the inside (they are replaced by timed wrappers of the same functions)."""
+    by hooks of the stopwatch registered before and after them."""
 
     def __init__(self, device: str, **monitor_kwargs):
         torch.manual_seed(0)
         self.model = TinyTransformer(vocab=64, d=16, layers=8, ctx=8).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4)
-        self.mon = gk.Monitor(self.model, self.opt, log_every=LOG_EVERY, **monitor_kwargs)
-        self.opt._optimizer_step_pre_hooks.clear()
-        self.opt._optimizer_step_post_hooks.clear()
         self.watch = Stopwatch()
-        self.opt.register_step_pre_hook(self.watch.wrap(self.mon._pre_step))
-        self.opt.register_step_post_hook(self.watch.wrap(self.mon._post_step))
+        self.mon = self.watch.around_step_hooks(
+            self.opt, lambda: gk.Monitor(self.model, self.opt, log_every=LOG_EVERY,
+                                         **monitor_kwargs))
         self.spent: list[float] = []
 
     def step(self, tokens: torch.Tensor, keep: bool) -> None:

@@ -1,8 +1,9 @@
-"""The shared machinery under every public op: gather and validate, run the backend, combine.
+"""The machinery under a gradient set: validate tensors and turn them into tables by device,
+run the backend of each device, put the results in list order.
 
-``gather`` does all checking before any kernel runs, so that an error leaves every tensor as it
-was. Per-tensor statistics come back from the backend in float64; the per-tensor norms and the
-total norm are combined from them here with torch ops on the result device (no host sync).
+:func:`tabulate` does all checking before any kernel runs, so that an error leaves every tensor
+as it was. Per-tensor statistics come back from the backend in float64 on the result device (no
+host sync); :mod:`gradkern._norms` turns them into norms.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ _is_cpu = attrgetter("is_cpu")
 
 
 @dataclass
-class Group:
+class DeviceWork:
     """The tensors of one device, with the backend that serves them."""
 
     backend: Backend
@@ -36,44 +37,46 @@ class Group:
 
 
 @dataclass
-class Gathered:
+class Tables:
+    """A list of tensors as the kernels see it: one work set per device, validated."""
+
     tensors: list[torch.Tensor]
     names: Sequence[str] | None
-    groups: list[Group]
+    devices: list[DeviceWork]
     device: torch.device  # where results live: the first tensor's device, as in torch
     dtype: torch.dtype  # torch's result dtype for a norm over these tensors
 
 
-def gather(tensors: list[torch.Tensor], names: Sequence[str] | None = None, *,
-           try_dense: bool = True) -> Gathered:
+def tabulate(tensors: list[torch.Tensor], names: Sequence[str] | None = None, *,
+             fast_path: bool = True) -> Tables:
     """Validate ``tensors`` (non-empty) and split them by device. Raises before touching anything.
 
-    ``try_dense=False`` skips the one-C-loop reader, for a caller that already saw it fail.
+    ``fast_path=False`` skips the one-C-loop reader (for tensors it has already declined).
     """
     first = tensors[0].device
-    dense = read_dense_table(tensors, first) if try_dense else None
+    dense = read_dense_table(tensors, first) if fast_path else None
     if dense is not None:  # the common case, read in one C loop
         return _whole(tensors, names, backend_for(first), dense)
     check_tensors(tensors, names)
     if first.type == "cpu" and all(map(_is_cpu, tensors)):
-        groups = [Group(backend_for(first), make_work_set(tensors, names), None)]
+        devices = [DeviceWork(backend_for(first), make_work_set(tensors, names), None)]
     else:
         by_device: dict[torch.device, list[int]] = {}
         for i, d in enumerate(map(_get_device, tensors)):
             by_device.setdefault(d, []).append(i)
-        groups = []
+        devices = []
         for device, idx in by_device.items():
             sub_names = None if names is None else [names[i] for i in idx]
             ws = make_work_set([tensors[i] for i in idx], sub_names)
             index = None if len(by_device) == 1 else torch.tensor(idx, device=first)
-            groups.append(Group(backend_for(device), ws, index))
+            devices.append(DeviceWork(backend_for(device), ws, index))
     dtype = result_dtype(set(map(_get_dtype, tensors)))
-    return Gathered(tensors, names, groups, first, dtype)
+    return Tables(tensors, names, devices, first, dtype)
 
 
 def fused_stats(tensors: list[torch.Tensor], names: Sequence[str] | None, spec: NormSpec, *,
-                counts: bool = True) -> tuple[Gathered, RawStats, torch.Tensor | None] | None:
-    """The fast path of :func:`gather_stats`, for lists of plain dense tensors on one device:
+                counts: bool = True) -> tuple[Tables, RawStats, torch.Tensor | None] | None:
+    """The fast path of :func:`tabulate_stats`, for lists of plain dense tensors on one device:
     the table read in one C loop, then the backend's pass; for the C++ CPU backend both in one
     call (its pass overlaps the reading). None when a tensor needs the general path, so never
     for a DTensor: a caller that gets a result need not look for one."""
@@ -85,7 +88,7 @@ def fused_stats(tensors: list[torch.Tensor], names: Sequence[str] | None, spec: 
         if dense is None:
             return None
         g = _whole(tensors, names, backend, dense)
-        return (g, *tensor_stats(g, spec, counts=counts))
+        return (g, *read_stats(g, spec, counts=counts))
     hit = read_tensor_stats(tensors, spec)
     if hit is None:
         return None
@@ -95,46 +98,46 @@ def fused_stats(tensors: list[torch.Tensor], names: Sequence[str] | None, spec: 
 
 
 def _whole(tensors: list[torch.Tensor], names: Sequence[str] | None, backend: Backend,
-           ws: WorkSet) -> Gathered:
-    """Every tensor in one group, as a C table reader read them (its dtype mask gives torch's
+           ws: WorkSet) -> Tables:
+    """Every tensor in one device_work, as a C table reader read them (its dtype mask gives torch's
     result dtype)."""
-    return Gathered(tensors, names, [Group(backend, ws, None)], tensors[0].device,
-                    result_dtype_of_mask(ws.dtype_mask))
+    return Tables(tensors, names, [DeviceWork(backend, ws, None)], tensors[0].device,
+                  result_dtype_of_mask(ws.dtype_mask))
 
 
-def gather_stats(tensors: list[torch.Tensor], names: Sequence[str] | None, spec: NormSpec, *,
-                 fused_failed: bool = False,
-                 counts: bool = True) -> tuple[Gathered, RawStats, torch.Tensor | None]:
-    """``(gathered, raw, numel)``: :func:`gather` then :func:`tensor_stats`, through
-    :func:`fused_stats` where it applies. Raises (touching nothing) as :func:`gather` does.
-    ``fused_failed``: the caller already had :func:`fused_stats` return None for these
-    tensors. ``counts=False``: numel is None (a caller that never uses the element counts
-    spares their device copy, a kernel launch on a GPU)."""
-    if not fused_failed:
+def tabulate_stats(tensors: list[torch.Tensor], names: Sequence[str] | None, spec: NormSpec, *,
+                   fast_path: bool = True,
+                   counts: bool = True) -> tuple[Tables, RawStats, torch.Tensor | None]:
+    """``(tables, raw, numel)``: :func:`tabulate` then :func:`read_stats`, through
+    :func:`fused_stats` where it applies. Raises (touching nothing) as :func:`tabulate` does.
+    ``fast_path=False``: skip :func:`fused_stats` (it has already declined these tensors).
+    ``counts=False``: numel is None (a caller that never uses the element counts spares their
+    device copy, a kernel launch on a GPU)."""
+    if fast_path:
         fused = fused_stats(tensors, names, spec, counts=counts)
         if fused is not None:
             return fused
     # fused_stats has read the table in one C loop and met a tensor that needs the general path
-    g = gather(tensors, names, try_dense=False)
-    return (g, *tensor_stats(g, spec, counts=counts))
+    g = tabulate(tensors, names, fast_path=False)
+    return (g, *read_stats(g, spec, counts=counts))
 
 
-def tensor_stats(g: Gathered, spec: NormSpec, *,
-                 counts: bool = True) -> tuple[RawStats, torch.Tensor | None]:
+def read_stats(g: Tables, spec: NormSpec, *,
+               counts: bool = True) -> tuple[RawStats, torch.Tensor | None]:
     """Per-tensor statistics over the whole list on ``g.device``, and the element counts (None
     unless ``counts``)."""
     parts = []
-    for group in g.groups:
-        raw = group.backend.tensor_stats(group.work, spec)
-        numel = _element_counts(group) if counts else None
-        if group.work.implicit_zeros is not None:
+    for device_work in g.devices:
+        raw = device_work.backend.tensor_stats(device_work.work, spec)
+        numel = _element_counts(device_work) if counts else None
+        if device_work.work.implicit_zeros is not None:
             device = raw.zeros.device
-            raw.zeros = raw.zeros + _from_host(group.work.implicit_zeros, device)
+            raw.zeros = raw.zeros + _from_host(device_work.work.implicit_zeros, device)
             if spec.kind == NormKind.MIN_ABS:  # an implicit zero is the smallest |g| there is
-                has_implicit = _from_host(group.work.implicit_zeros > 0, device)
+                has_implicit = _from_host(device_work.work.implicit_zeros > 0, device)
                 raw.power_sum = torch.where(has_implicit & ~raw.power_sum.isnan(), 0.0,
                                             raw.power_sum)
-        parts.append((group, raw, numel))
+        parts.append((device_work, raw, numel))
     if len(parts) == 1:
         _, raw, numel = parts[0]
         return _to(raw, g.device), None if numel is None else numel.to(g.device)
@@ -142,21 +145,21 @@ def tensor_stats(g: Gathered, spec: NormSpec, *,
     full = RawStats(*(torch.empty(n, dtype=d, device=g.device) for d in
                       (torch.float64, torch.float64, torch.int64, torch.int64)))
     full_numel = torch.empty(n, dtype=torch.int64, device=g.device) if counts else None
-    for group, raw, numel in parts:
+    for device_work, raw, numel in parts:
         raw = _to(raw, g.device)
         for name in ("power_sum", "max_abs", "nonfinite", "zeros"):
-            getattr(full, name)[group.index] = getattr(raw, name)
+            getattr(full, name)[device_work.index] = getattr(raw, name)
         if counts:
-            full_numel[group.index] = numel.to(g.device)
+            full_numel[device_work.index] = numel.to(g.device)
     return full, full_numel
 
 
-def _element_counts(group: Group) -> torch.Tensor:
-    """The group's element counts, int64, where its statistics are. A CUDA backend serves them
+def _element_counts(device_work: DeviceWork) -> torch.Tensor:
+    """The device_work's element counts, int64, where its statistics are. A CUDA backend serves them
     from its device table (see ``DeviceTableCache.element_counts``); elsewhere they are the host
     array itself."""
-    counts = getattr(group.backend, "element_counts", None)
-    return torch.from_numpy(group.work.numel) if counts is None else counts(group.work)
+    counts = getattr(device_work.backend, "element_counts", None)
+    return torch.from_numpy(device_work.work.numel) if counts is None else counts(device_work.work)
 
 
 def _from_host(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -171,18 +174,18 @@ def _to(raw: RawStats, device: torch.device) -> RawStats:
                     raw.zeros.to(device))
 
 
-def check_writable(g: Gathered) -> None:
+def check_writable(g: Tables) -> None:
     """RuntimeError, before anything is written, when a tensor of ``g`` cannot be written in
     place (an expanded tensor, whose elements share memory)."""
-    for group in g.groups:
-        if group.work.unwritable is not None:
+    for device_work in g.devices:
+        if device_work.work.unwritable is not None:
             raise RuntimeError(
-                f"gradient {group.work.unwritable} cannot be clipped in place: several of its "
+                f"gradient {device_work.work.unwritable} cannot be clipped in place: several of its "
                 "elements share one memory location (an expanded tensor). Nothing was "
                 "modified. Give it memory of its own first, e.g. `p.grad = p.grad.clone()`.")
 
 
-def clip_in_place(g: Gathered, coef: torch.Tensor | None, clip_value: float) -> None:
+def clip_in_place(g: Tables, coef: torch.Tensor | None, clip_value: float) -> None:
     """Scale (where ``coef`` < 1, per tensor or one for all) then clamp, in one pass per tensor.
     Raises (see :func:`check_writable`, :func:`repeated_entries`) before writing anything,
     whether or not a value would change: a training loop fails at its first clip, not at the
@@ -200,25 +203,25 @@ def clip_in_place(g: Gathered, coef: torch.Tensor | None, clip_value: float) -> 
         # coefficient itself rather than make the host wait for it). A NaN coefficient scales.
         return
     plans = []
-    for group in g.groups:  # every check before the first write
-        work, group_coef = group.work, coef
+    for device_work in g.devices:  # every check before the first write
+        work, device_coef = device_work.work, coef
         if coef is not None:
-            if group.index is not None and coef.numel() > 1:
-                group_coef = coef[group.index]
-            group_coef = group_coef.to(work.work[0].device if work.work else coef.device,
+            if device_work.index is not None and coef.numel() > 1:
+                device_coef = coef[device_work.index]
+            device_coef = device_coef.to(work.work[0].device if work.work else coef.device,
                                        torch.float64)
         repeated = repeated_entries(work)
         if repeated is not None:
             keep, repeats = repeated
             work = work.subset(keep)
-            if group_coef is not None and group_coef.numel() == 1:
-                group_coef = group_coef.pow(torch.from_numpy(repeats).to(group_coef))
-            elif group_coef is not None:
-                group_coef = group_coef[torch.from_numpy(keep).to(group_coef.device)]
-        plans.append((group, work, group_coef))
-    for group, work, group_coef in plans:
-        group.backend.clip_in_place(work, group_coef, clip_value)
-        group.work.copy_back()
+            if device_coef is not None and device_coef.numel() == 1:
+                device_coef = device_coef.pow(torch.from_numpy(repeats).to(device_coef))
+            elif device_coef is not None:
+                device_coef = device_coef[torch.from_numpy(keep).to(device_coef.device)]
+        plans.append((device_work, work, device_coef))
+    for device_work, work, device_coef in plans:
+        device_work.backend.clip_in_place(work, device_coef, clip_value)
+        device_work.work.copy_back()
 
 
 def unit_norms(tensors: list[torch.Tensor], spec: NormSpec) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from . import _engine, _norms, distributed
-from ._engine import Gathered
+from ._engine import Tables
 from ._norms import NormSpec
 from .backends import RawStats
 
@@ -46,7 +46,7 @@ class _Part:
     read: list[torch.Tensor]  # what the statistics read (a Partial DTensor: its summed part)
     write: list[torch.Tensor]  # what is written (a DTensor's own local tensor)
     names: Sequence[str] | None
-    gathered: Gathered | None = None  # ``read``, gathered by the first read pass
+    tables: Tables | None = None  # ``read`` as the kernels see it, from the first read pass
     stats: dict = field(default_factory=dict)  # NormSpec -> (raw, numel, error)
 
 
@@ -112,7 +112,7 @@ class GradSet:
         if spec is not None:
             fused = _engine.fused_stats(part.read, part.names, spec, counts=counts)
             if fused is not None:
-                part.gathered, raw, numel = fused
+                part.tables, raw, numel = fused
                 part.stats[spec] = (raw, numel, None)
                 return
             self._fused_tried = True
@@ -134,10 +134,10 @@ class GradSet:
         """
         if distributed.any_dtensor(tensors):
             if intent is Intent.READ:
-                tensors = distributed.local_parts(tensors)
+                tensors = distributed.local_to_read(tensors)
             else:
                 distributed.refuse_partial(tensors, what)
-                tensors = distributed.local_shards(tensors)  # it writes: never copies
+                tensors = distributed.local_to_write(tensors)  # it writes: never copies
         parts = [_Part(None, [] if group is None else [group], tensors, tensors, names)]
         return cls(tensors, names, group, parts, dtensors=False, params=params)
 
@@ -151,16 +151,16 @@ class GradSet:
         hit = part.stats.get(spec)
         if hit is not None and (hit[1] is not None or not counts):
             return hit
-        if part.gathered is not None:  # read before: another norm kind, one more pass
-            raw, numel = _engine.tensor_stats(part.gathered, spec, counts=counts)
+        if part.tables is not None:  # read before: another norm kind, one more pass
+            raw, numel = _engine.read_stats(part.tables, spec, counts=counts)
             hit = (raw, numel, None)
         elif self.local and not self.has_dtensors:
-            part.gathered, raw, numel = _engine.gather_stats(part.read, part.names, spec,
+            part.tables, raw, numel = _engine.tabulate_stats(part.read, part.names, spec,
                                                              counts=counts,
-                                                             fused_failed=self._fused_tried)
+                                                             fast_path=not self._fused_tried)
             hit = (raw, numel, None)
         else:
-            part.gathered, raw, numel, error = distributed.local_stats(part.read, part.names,
+            part.tables, raw, numel, error = distributed.local_stats(part.read, part.names,
                                                                        spec)
             if error is not None and not part.groups:
                 raise error
@@ -187,19 +187,19 @@ class GradSet:
         self.inv_scale = inv_scale
 
     def _device(self, part: _Part) -> torch.device:
-        if part.gathered is not None:
-            return part.gathered.device
+        if part.tables is not None:
+            return part.tables.device
         if part.groups:
             return distributed.collective_device(part.groups[0])
         return part.read[0].device if part.read else torch.device("cpu")
 
     @property
     def device(self) -> torch.device:
-        """Where results live: the first gathered tensors' device (this rank's), else the
+        """Where results live: the device of this rank's first tensors read, else the
         group's collective device."""
         for part in self.parts:
-            if part.gathered is not None:
-                return part.gathered.device
+            if part.tables is not None:
+                return part.tables.device
         if self.group is not None:
             return distributed.collective_device(self.group)
         return self._device(self.parts[0])
@@ -207,7 +207,7 @@ class GradSet:
     @property
     def dtype(self) -> torch.dtype | None:
         """torch's promoted dtype of this rank's gradients read so far (None when none)."""
-        dtypes = {p.gathered.dtype for p in self.parts if p.gathered is not None}
+        dtypes = {p.tables.dtype for p in self.parts if p.tables is not None}
         return _norms.result_dtype(dtypes) if dtypes else None
 
     def norms(self, spec: NormSpec, *, per_tensor: bool = False,
@@ -291,8 +291,8 @@ class GradSet:
         torch raises for it too)."""
         if spec.p >= 0 or not self.local:
             return
-        gathered = self.parts[0].gathered
-        if gathered is None or not any(int(g.work.numel.sum()) for g in gathered.groups):
+        tables = self.parts[0].tables
+        if tables is None or not any(int(g.work.numel.sum()) for g in tables.devices):
             raise _norms.undefined_norm_error(spec)
 
     def check_finite(self, total: torch.Tensor, spec: NormSpec) -> None:
@@ -326,7 +326,7 @@ class GradSet:
             if hit is None:
                 hit = self._stats(part, _norms.parse_norm_type(float("inf")))
             raw = hit[0]
-            if raw is None or part.gathered is None:
+            if raw is None or part.tables is None:
                 continue
             bad = raw.nonfinite.cpu().numpy().nonzero()[0]
             where = part.index if part.index is not None else range(len(self.tensors))
@@ -350,38 +350,38 @@ class GradSet:
 
     # ---- writing ---------------------------------------------------------------------------
 
-    def _writable(self) -> list[tuple[_Part, Gathered]]:
-        """Each part that has tensors on this rank, with what is written, gathered."""
+    def _writable(self) -> list[tuple[_Part, Tables]]:
+        """Each part that has tensors on this rank, with what is written, tables."""
         if self._unsettled is not None:
             self._settle(None)
         out = []
         for part in self.parts:
             if not part.write:
                 continue
-            if part.write is part.read and part.gathered is not None:
-                out.append((part, part.gathered))
+            if part.write is part.read and part.tables is not None:
+                out.append((part, part.tables))
             else:
-                out.append((part, _engine.gather(part.write, part.names)))
+                out.append((part, _engine.tabulate(part.write, part.names)))
         return out
 
     def check_writable(self) -> None:
         """RuntimeError, before anything is written, when a tensor cannot be written in place
         (see :func:`gradkern._engine.check_writable`)."""
-        for _, gathered in self._writable():
-            _engine.check_writable(gathered)
+        for _, tables in self._writable():
+            _engine.check_writable(tables)
 
     def write(self, coef: torch.Tensor | None, clip_value: float = float("inf")) -> None:
         """Scale where ``coef`` < 1 (one entry for all, or one per tensor in list order; None:
         no scaling), then clamp to ``[-clip_value, clip_value]``, in place, in one pass per
         tensor. Every part is checked before the first is written."""
         targets = self._writable()
-        for _, gathered in targets:
-            _engine.check_writable(gathered)
-        for part, gathered in targets:
+        for _, tables in targets:
+            _engine.check_writable(tables)
+        for part, tables in targets:
             part_coef = coef
             if coef is not None and coef.numel() > 1 and part.index is not None:
                 part_coef = coef[torch.tensor(part.index, device=coef.device)]
-            _engine.clip_in_place(gathered, part_coef, clip_value)
+            _engine.clip_in_place(tables, part_coef, clip_value)
 
 def _in_list_order(pieces: list, n: int, device: torch.device) -> torch.Tensor:
     """Per-part values put back in the set's order."""
@@ -401,10 +401,10 @@ def _dtensor_parts(tensors: list, names: Sequence[str] | None, group, intent: In
     parts = []
     for index, groups in distributed.reduction_sets(tensors, group):
         subset = [tensors[i] for i in index]
-        read = distributed.local_parts(subset)
+        read = distributed.local_to_read(subset)
         write = read
         if intent is not Intent.READ and distributed.has_partial(subset):
-            write = distributed.local_shards(subset)  # the terms, not their sum
+            write = distributed.local_to_write(subset)  # the terms, not their sum
         sub_names = None if names is None else [names[i] for i in index]
         whole = len(index) == len(tensors)
         parts.append(_Part(None if whole else index, groups, read, write, sub_names))

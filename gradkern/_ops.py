@@ -29,7 +29,7 @@ from ._norms import parse_norm_type
 def tensor_stats(grads: list[torch.Tensor], norm_type: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     spec = parse_norm_type(norm_type)
-    _, raw, _ = _engine.gather_stats(list(grads), None, spec, counts=False)
+    _, raw, _ = _engine.tabulate_stats(list(grads), None, spec, counts=False)
     # outputs must not alias anything the caller holds: the engine's are fresh tensors
     return raw.power_sum, raw.max_abs, raw.nonfinite, raw.zeros
 
@@ -45,7 +45,7 @@ def _(grads, norm_type):
 @torch.library.custom_op("gradkern::clip_in_place", mutates_args=("grads",))
 def clip_in_place(grads: list[torch.Tensor], coef: Optional[torch.Tensor],
                   clip_value: float) -> None:
-    _engine.clip_in_place(_engine.gather(list(grads)), coef, clip_value)
+    _engine.clip_in_place(_engine.tabulate(list(grads)), coef, clip_value)
 
 
 @clip_in_place.register_fake

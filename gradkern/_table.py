@@ -290,7 +290,7 @@ def make_work_set(tensors: list[torch.Tensor], names: Sequence[str] | None = Non
         TypeError: for a dtype other than fp32/fp64/fp16/bf16, or a layout other than strided or
             sparse COO. Nothing is modified.
     """
-    n = len(tensors)  # (:func:`check_tensors` ran in the caller, gradkern._engine.gather)
+    n = len(tensors)  # (:func:`check_tensors` ran in the caller, gradkern._engine.tabulate)
     codes_list = list(map(DTYPE_CODES.get, map(_get_dtype, tensors), repeat(-1)))
     if -1 in codes_list:
         i = codes_list.index(-1)

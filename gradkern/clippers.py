@@ -340,8 +340,8 @@ class AGC(Clipper):
             return total
         grads.check_writable()  # before the first row is scaled
         # this rank's rows of each weight and gradient (exact for row-sharded DTensors)
-        ws = distributed.local_parts([p.detach() for p in params])
-        gs = distributed.local_shards([p.grad for p in params])  # (Partial refused already)
+        ws = distributed.local_to_read([p.detach() for p in params])
+        gs = distributed.local_to_write([p.grad for p in params])  # (Partial refused already)
         w_norm = _engine.unit_norms(ws, self._spec)
         g_norm = _engine.unit_norms(gs, self._spec)
         max_norm = w_norm.clamp(min=self.eps) * self.clip_factor

@@ -44,9 +44,9 @@ class RemoteError(RuntimeError):
 
 
 def local_stats(tensors: list[torch.Tensor], names, spec: NormSpec):
-    """This rank's part of a collective call: ``(gathered, raw, numel, error)``.
+    """This rank's part of a collective call: ``(tables, raw, numel, error)``.
 
-    Gathered/raw/numel are None when the rank holds no tensors or the local work raised; the
+    Tables/raw/numel are None when the rank holds no tensors or the local work raised; the
     exception is kept, not raised, so that the rank still joins the collectives (see finish()).
     """
     if not tensors:
@@ -54,7 +54,7 @@ def local_stats(tensors: list[torch.Tensor], names, spec: NormSpec):
     try:
         from . import _engine
 
-        return (*_engine.gather_stats(tensors, names, spec), None)
+        return (*_engine.tabulate_stats(tensors, names, spec), None)
     except Exception as exc:  # re-raised by finish() once every rank has joined
         return None, None, None, exc
 
@@ -235,7 +235,7 @@ def any_dtensor(tensors: list) -> bool:
     return cls is not None and any(issubclass(t, cls) for t in set(map(type, tensors)))
 
 
-def dtensor_local(t) -> torch.Tensor:
+def local_to_read_one(t) -> torch.Tensor:
     """The local shard of a DTensor gradient, its partial sums reduced first (once)."""
     if is_partial(t):
         from torch.distributed.tensor import Replicate
@@ -245,11 +245,11 @@ def dtensor_local(t) -> torch.Tensor:
     return t.to_local()
 
 
-def local_parts(tensors: list) -> list:
-    """For reading: :func:`dtensor_local` of each DTensor in ``tensors``, other tensors as they
+def local_to_read(tensors: list) -> list:
+    """For reading: :func:`local_to_read_one` of each DTensor in ``tensors``, other tensors as they
     are; the list itself when none is a DTensor (one check per distinct type). A Partial
     DTensor's part is a new tensor (its terms summed), so writes to it are lost."""
-    return [dtensor_local(t) if is_dtensor(t) else t for t in tensors] \
+    return [local_to_read_one(t) if is_dtensor(t) else t for t in tensors] \
         if any_dtensor(tensors) else tensors
 
 
@@ -274,7 +274,7 @@ def has_partial(tensors: list) -> bool:
     return any(map(is_partial, tensors)) if any_dtensor(tensors) else False
 
 
-def local_shards(tensors: list) -> list:
+def local_to_write(tensors: list) -> list:
     """For writing in place: each DTensor's own local tensor, other tensors as they are; the
     list itself when none is a DTensor. A Partial DTensor's local tensor is one term of its
     sum: scaling every term by one coefficient scales the sum, anything else needs

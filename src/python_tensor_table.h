@@ -1,9 +1,10 @@
 // Reading the tensor table (address, element count, dtype code) straight from a Python list of
 // torch tensors, in one C loop.
 //
-// A plain CPU tensor's row is read from torch's own objects where gradkern found their layout at
-// import (torch_layout.h). Every other tensor, and every tensor when that layout is unknown, goes
-// through torch's getters via the Python C API (the extension does not link libtorch, DESIGN §3):
+// A plain CPU tensor's row is read from torch's own objects where gradkern found their layout
+// (torch_layout.h). Every other tensor, and every tensor when that layout is unknown, goes
+// through torch's getters via the Python C API (the extension does not link libtorch, so that one
+// build serves every torch version):
 // each costs what torch's getter costs, but none of the interpreter's per-item overhead. Anything
 // unusual (a tensor subclass, another device, a non-contiguous or sparse tensor, an unknown dtype,
 // any error) is reported as "not ok" and left to the Python path, which handles or rejects it.

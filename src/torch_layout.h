@@ -3,10 +3,10 @@
 //
 // Why: for 10,000 small gradients, torch's getters cost more than the reduction itself: about
 // 45 ns each (mostly torch's __torch_function__ bookkeeping), five per tensor. The extension is
-// not built against libtorch (DESIGN §3), so it has no torch headers to read the fields with.
-// Instead gradkern/_torch_layout.py finds, when gradkern is imported, where this torch keeps each
-// field, by matching the values torch reports for probe tensors, and checks what it found on a
-// second set of tensors before turning the direct read on.
+// not built against libtorch (one build serves every torch version), so it has no torch headers
+// to read the fields with. Instead gradkern/_torch_layout.py finds, the first time a table is
+// read, where this torch keeps each field, by matching the values torch reports for probe
+// tensors, and checks what it found on a second set of tensors before turning the direct read on.
 //
 // A tensor is read directly only when it looks exactly like the probes: a plain torch.Tensor
 // whose TensorImpl is of the same C++ class (vtable) with the same dispatch keys (dense CPU, with

@@ -136,7 +136,7 @@ def test_lightning_records_the_gradients_lightning_applies_and_clips_them(tmp_pa
         coef = min(1.0, 0.5 / (norm + 1e-6))
         assert norm > 0.5  # the clip is not vacuous
         torch.testing.assert_close(update, -lr * coef * g, rtol=1e-4, atol=1e-7)
-    assert mon._closed  # closed at the end of the fit
+    assert mon.closed  # closed at the end of the fit
     rows = [r for r in _logged(trainer) if r.get("gradkern/total_norm")]
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
     np.testing.assert_allclose([float(r["gradkern/total_norm"]) for r in rows],
@@ -215,7 +215,7 @@ def test_trainer_callback_records_the_grad_norm_the_trainer_logs(tmp_path, optim
     assert len(logged) == 6 and max(logged) > 1.0  # the Trainer's clip would have acted
     np.testing.assert_allclose([s.total_norm for s in mon.history], logged, rtol=1e-6)
     assert trainer.args.max_grad_norm == 1.0  # given back after training
-    assert mon._closed
+    assert mon.closed
     # the Monitor's clip did what the Trainer's own would have: same parameters
     _, reference, reference_logged = _train(tmp_path, optim=optim)
     np.testing.assert_allclose(reference_logged, logged, rtol=1e-6)

@@ -314,7 +314,7 @@ def test_no_host_sync_between_log_steps(monkeypatch):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     mon = gk.Monitor(model, opt, log_every=5, detectors=None, track_updates=False)
     processed = []
-    monkeypatch.setattr(mon, "_process", lambda rows, *rest: processed.append(len(rows)))
+    monkeypatch.setattr(mon._host, "_process", lambda window: processed.append(len(window.slots)))
     for step in range(9):
         opt.zero_grad()
         backward(model, step)

@@ -41,7 +41,7 @@ def test_mixed_dtypes_promote_like_torch(backend, dtypes):
     got = gk.get_total_norm(grads)
     assert got.dtype == torch.nn.utils.get_total_norm(grads).dtype
     # Every combination holds a dtype narrower than fp64, and an fp64 total is as exact as that
-    # part of it: DESIGN's 1e-6 for fp32 (torch rounds those parts' norms to fp32 first).
+    # part of it: within 1e-6 for fp32 (torch rounds those parts' norms to fp32 first).
     rtol = max(ulp_tolerance(got.dtype), NARROW_INPUT_RTOL)
     assert torch.isclose(got.double(), reference_norm(grads, 2.0).double(), rtol=rtol, atol=0)
 

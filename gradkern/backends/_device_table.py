@@ -30,8 +30,8 @@ def device_of(ws: WorkSet) -> torch.device:
 
 
 # torch's current stream as its raw cudaStream_t in one C call. torch.cuda.current_stream builds
-# a Stream object first: 36 us a call under cProfile on the H100 machine's host, where the whole
-# launch of the stats pass took 50. torch's own compiled code reads the stream this way.
+# a Stream object first: 36 us a call under cProfile on an H100 host, where the whole launch of
+# the stats pass takes 50 (benchmarks/NOTES.md). torch's own compiled code reads the stream this way.
 _raw_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 

@@ -34,10 +34,15 @@ def _model(device: str) -> nn.Module:
 
 
 class Stopwatch:
-    """Sums the time spent inside the functions it wraps."""
+    """Sums the time spent inside what it times: the functions it wraps, or the optimizer step
+    hooks of something registered between its own (:meth:`around_step_hooks`). With ``label``
+    set, each timed span of the hooks is also marked for ``torch.profiler``."""
 
     def __init__(self):
         self.total = 0.0
+        self.label: str | None = None
+        self._t0 = 0.0
+        self._mark = None
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
@@ -47,6 +52,29 @@ class Stopwatch:
             finally:
                 self.total += time.perf_counter() - t0
         return timed
+
+    def _start(self, *_) -> None:
+        if self.label is not None:
+            self._mark = torch.profiler.record_function(self.label)
+            self._mark.__enter__()
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_) -> None:
+        self.total += time.perf_counter() - self._t0
+        if self._mark is not None:
+            self._mark.__exit__(None, None, None)
+            self._mark = None
+
+    def around_step_hooks(self, optimizer: torch.optim.Optimizer, make):
+        """``make()``, called between a start and a stop hook on each side of ``optimizer``'s
+        step (torch runs step hooks in the order they were registered): the time spent in the
+        step hooks ``make`` registers, a Monitor's say, is summed."""
+        optimizer.register_step_pre_hook(self._start)
+        optimizer.register_step_post_hook(self._start)
+        made = make()
+        optimizer.register_step_pre_hook(self._stop)
+        optimizer.register_step_post_hook(self._stop)
+        return made
 
 
 def _hook_recipe(model: nn.Module, watch: Stopwatch) -> list:
@@ -64,17 +92,12 @@ def _hook_recipe(model: nn.Module, watch: Stopwatch) -> list:
 LOG_EVERY = 10
 # Untimed steps first: two log periods, so that what happens once (CUDA loads a kernel at its
 # first launch, the allocator's first blocks, the first processing of buffered rows) stays out
-# of the per-step times. Two steps, as before, left the first log step's first launches in them.
+# of the per-step times (two warm-up steps leave the first log step's first launches in them).
 WARMUP = 2 * LOG_EVERY
 
 
 def _timed_monitor(model: nn.Module, opt: torch.optim.Optimizer, watch: Stopwatch) -> Monitor:
-    monitor = Monitor(model, opt, log_every=LOG_EVERY)
-    for h in monitor._hooks:  # re-register the same hooks, timed
-        h.remove()
-    monitor._hooks = [opt.register_step_pre_hook(watch.wrap(monitor._pre_step)),
-                      opt.register_step_post_hook(watch.wrap(monitor._post_step))]
-    return monitor
+    return watch.around_step_hooks(opt, lambda: Monitor(model, opt, log_every=LOG_EVERY))
 
 
 def monitor_overhead(device: str = "cpu", steps: int = 40, batch: int = 8) -> list[dict]:
