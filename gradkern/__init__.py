@@ -41,7 +41,8 @@ Underneath
 """
 
 from .backends import backends, build_info, get_backend, set_backend
-from .clipping import clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from .clipping import (clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_,
+                       get_total_norm)
 from .clippers import AGC, AutoClip, ClipByNorm, ClipByValue, Clipper, ZClip
 from . import detectors, sinks
 from .events import Event

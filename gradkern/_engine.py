@@ -180,8 +180,8 @@ def check_writable(g: Tables) -> None:
     for device_work in g.devices:
         if device_work.work.unwritable is not None:
             raise RuntimeError(
-                f"gradient {device_work.work.unwritable} cannot be clipped in place: several of its "
-                "elements share one memory location (an expanded tensor). Nothing was "
+                f"gradient {device_work.work.unwritable} cannot be clipped in place: several of "
+                "its elements share one memory location (an expanded tensor). Nothing was "
                 "modified. Give it memory of its own first, e.g. `p.grad = p.grad.clone()`.")
 
 

@@ -121,7 +121,6 @@ class GradSet:
             self.has_dtensors = True
             self.local = len(self.parts) == 1 and not self.parts[0].groups
 
-
     @classmethod
     def of_local(cls, tensors: list[torch.Tensor], names: Sequence[str] | None = None, *,
                  group=None, intent: Intent = Intent.READ, what: str = "a clipper",
@@ -144,7 +143,8 @@ class GradSet:
     # ---- reading ----------------------------------------------------------------------------
 
     def _stats(self, part: _Part, spec: NormSpec,
-               counts: bool = True) -> tuple[RawStats | None, torch.Tensor | None, BaseException | None]:
+               counts: bool = True) -> tuple[RawStats | None, torch.Tensor | None,
+                                             BaseException | None]:
         """This rank's per-tensor statistics of ``part`` for ``spec``, read once and kept.
         Where the part is reduced across ranks a local error is kept, not raised, so that this
         rank still joins the collectives (which then raise it, see ``distributed.finish``)."""
@@ -168,13 +168,26 @@ class GradSet:
         part.stats[spec] = hit
         return hit
 
-    def local_stats(self, spec: NormSpec, counts: bool = True) -> tuple[RawStats, torch.Tensor | None]:
+    def local_stats(self, spec: NormSpec,
+                    counts: bool = True) -> tuple[RawStats, torch.Tensor | None]:
         """``(raw, numel)``: the per-tensor statistics of a one-part set on this rank (the
         Monitor's ring rows). Raises what reading raises."""
         raw, numel, error = self._stats(self.parts[0], spec, counts)
         if error is not None:
             raise error
         return raw, numel
+
+    def local_max_abs(self) -> torch.Tensor:
+        """max |g| over this rank's tensors (0-dim float64), from the statistics already read
+        (every read pass also takes max |g|); NaN when one holds a NaN, 0 when there are none."""
+        maxima = []
+        for part in self.parts:
+            hit = next(iter(part.stats.values()), None)
+            if hit is not None and hit[0] is not None and hit[0].max_abs.numel():
+                maxima.append(hit[0].max_abs.max())
+        if not maxima:
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        return torch.stack([m.to(maxima[0].device) for m in maxima]).max()
 
     def unscale_stats(self, inv_scale: torch.Tensor) -> None:
         """The gradients are still multiplied by GradScaler's scale (a fused step unscales them

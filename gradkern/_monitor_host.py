@@ -45,6 +45,11 @@ class HostPipeline:
         self.skipped_steps = 0
         self._pending: list[Window] = []
 
+    def start(self, header: dict) -> None:
+        """Give the sinks the run's header record, before any step."""
+        for sink in self.sinks:
+            sink.start(header)
+
     def push(self, window: Window) -> None:
         """Queue a window; process every one that has arrived (the newest may wait for the
         next log step, so that the host never stalls on the copy it just started)."""
@@ -71,6 +76,7 @@ class HostPipeline:
         rows = window.rows.numpy()
         flags = None if window.ranks_and_numel is None else window.ranks_and_numel.numpy()
         device_codes = None if window.device_skips is None else window.device_skips.numpy()
+        factors = None if window.clip_factors is None else window.clip_factors.numpy()
         for k, (slot, row) in enumerate(zip(window.slots, rows)):
             code = slot.skipped | (0 if device_codes is None else int(device_codes[k]))
             reason = skip_reason(code)
@@ -80,6 +86,8 @@ class HostPipeline:
                           skip_reason=reason)
             if reason is not None:
                 self.skipped_steps += 1
+            if factors is not None and slot.index is not None and reason is None:
+                s.clip_factor = float(factors[k])
             if flags is not None:  # reduced across the group: flags, then element counts
                 s.nonfinite_ranks = [int(r) for r in np.flatnonzero(flags[k, :self.world])]
                 s.numel = flags[k, self.world:].copy()
@@ -124,6 +132,9 @@ def step_record(s: StepStats, layer_map: LayerMap) -> dict:
               "skipped": s.skipped, "layers": layers}
     if s.skipped:
         record["skip_reason"] = s.skip_reason
+    if s.clip_factor is not None:
+        record["clipped"] = s.clip_factor < 1.0
+        record["clip_factor"] = s.clip_factor
     if s.log2_histogram is not None:
         record["log2_hist_range"] = [HIST_MIN, HIST_MAX]
     return record

@@ -49,6 +49,8 @@ class Window:
     #   the whole layers' element counts; with a group only
     device_skips: torch.Tensor | None  # per step: skip reasons decided on the device (bits)
     layers: LayerMap  # the layers the rows are of
+    clip_factors: torch.Tensor | None = None  # per step, with a clipper: the smallest factor
+    #   it scaled a gradient by (1: nothing clipped); across a group, the smallest on any rank
 
     def wait(self, block: bool) -> bool:
         """Whether the copies have arrived; with ``block``, waits for them first."""
@@ -64,9 +66,11 @@ class DeviceRing:
     """``log_every`` slots of per-tensor statistics on the device, and what each slot's step
     needs at the flush."""
 
-    def __init__(self, log_every: int, layers: LayerMap, group=None):
+    def __init__(self, log_every: int, layers: LayerMap, group=None, clips: bool = False):
         self.log_every = log_every
         self.group = group
+        self.clips = clips  # a clipper acts: each slot records its factor
+        self._clip: torch.Tensor | None = None  # per slot: the clip factor, on the device
         self.rank = dist.get_rank(group) if group is not None else 0
         self.world = dist.get_world_size(group) if group is not None else 1
         self.slots: list[Slot] = []
@@ -125,6 +129,13 @@ class DeviceRing:
         self._skip[slot] = reason
         self._device_skips = True
 
+    def note_clip(self, slot: int, factor: torch.Tensor) -> None:
+        """The smallest factor the clipper scaled a gradient by at the slot's step (0-dim, on
+        the device; 1 when it changed nothing)."""
+        if self._clip is None or self._clip.device != factor.device:
+            self._clip = torch.ones(self.log_every, dtype=torch.float64, device=factor.device)
+        self._clip[slot] = factor
+
     def layers_of(self, present: tuple[int, ...] | None, device: torch.device,
                   local_grads: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
         """The layer of each present gradient (on ``device``, for the index_add_) and the
@@ -161,16 +172,24 @@ class DeviceRing:
             stacked = torch.stack([histograms[s] for s in steps])
             dist.all_reduce(stacked, group=self.group)
             histograms = dict(zip(steps, stacked))
+        factors = None
+        if self.clips:
+            factors = (torch.ones(count, dtype=torch.float64) if self._clip is None
+                       else self._clip[:count].clone())
+            if self._clip is not None:
+                self._clip.fill_(1.0)
         rows = None if self._ring is None else self._layer_rows(slots)
         ranks_and_numel = None
         if self.group is not None and rows is not None:
-            rows, updates, ranks_and_numel = self._reduce_across_ranks(rows, slots, updates)
+            rows, updates, ranks_and_numel, factors = self._reduce_across_ranks(
+                rows, slots, updates, factors)
         if rows is None:  # no gradient at all so far
             host = torch.zeros(count, len(self.layers), FIELDS, dtype=torch.float64)
-            return Window(None, host, slots, {}, histograms, ranks_and_numel, skips, self.layers)
+            return Window(None, host, slots, {}, histograms, ranks_and_numel, skips, self.layers,
+                          None if factors is None else factors.cpu())
         if rows.device.type != "cuda":
             return Window(None, rows.clone(), slots, updates, histograms, ranks_and_numel, skips,
-                          self.layers)
+                          self.layers, None if factors is None else factors.cpu())
         host = torch.empty(rows.shape, dtype=torch.float64, pin_memory=True)
         host.copy_(rows, non_blocking=True)
 
@@ -180,7 +199,7 @@ class DeviceRing:
         ready = torch.cuda.Event()
         window = Window(ready, host, slots, {s: to_host(u) for s, u in updates.items()},
                         {s: to_host(h) for s, h in histograms.items()}, to_host(ranks_and_numel),
-                        to_host(skips), self.layers)
+                        to_host(skips), self.layers, to_host(factors))
         ready.record()
         # The ring is rewritten from the next step on; the copy must finish first. Later work
         # on the stream is ordered after it, so no host wait is needed here.
@@ -208,9 +227,11 @@ class DeviceRing:
             start = end
         return rows.transpose(1, 2).contiguous()
 
-    def _reduce_across_ranks(self, rows: torch.Tensor, slots: list[Slot], updates: dict):
+    def _reduce_across_ranks(self, rows: torch.Tensor, slots: list[Slot], updates: dict,
+                             factors: torch.Tensor | None):
         """Whole-model rows: sums and counts in one all_reduce, maxima in another. Also which
-        ranks held non-finite values at each step, and the whole layers' element counts."""
+        ranks held non-finite values at each step, the whole layers' element counts, and the
+        smallest clip factor of any rank (a maximum of negatives)."""
         count, n_layers = rows.shape[0], rows.shape[1]
         device, f64 = rows.device, torch.float64
         numel = torch.from_numpy(np.stack([s.numel for s in slots])).to(device, f64)
@@ -223,9 +244,15 @@ class DeviceRing:
         nan = maxima.isnan()
         parts = [rows[:, :, 0], rows[:, :, 2], rows[:, :, 3], numel, nan.to(f64), flags, update_sq]
         sums = torch.cat([p.reshape(-1) for p in parts])
-        maxes = torch.where(nan, torch.zeros_like(maxima), maxima).reshape(-1).clone()
+        maxes = torch.where(nan, torch.zeros_like(maxima), maxima).reshape(-1)
+        if factors is not None:
+            maxes = torch.cat([maxes, -factors.to(device)])
+        else:
+            maxes = maxes.clone()
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
         dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=self.group)
+        if factors is not None:
+            maxes, factors = maxes[:count * n_layers], -maxes[count * n_layers:]
         sizes = [p.numel() for p in parts]
         sq, nonfinite, zeros, numel, nan_count, flags, update_sq = torch.split(sums, sizes)
         shape = (count, n_layers)
@@ -238,4 +265,4 @@ class DeviceRing:
         # per step: which ranks held non-finite values, then the whole layers' element counts;
         # it stays on the device and travels with the rows (no host sync here)
         extra = torch.cat([flags.reshape(count, self.world), numel.reshape(shape)], dim=1)
-        return reduced, dict(zip(steps, update_sq)), extra
+        return reduced, dict(zip(steps, update_sq)), extra, factors

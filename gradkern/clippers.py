@@ -50,6 +50,10 @@ class Clipper:
     shares its own read pass), so clipping costs no further read pass for L2."""
 
     group = None  # a torch.distributed process group, set by the constructors' group=
+    # The smallest factor the last clip scaled a gradient (or a unit, or an element) by: a
+    # 0-dim float64 tensor on the gradients' device, 1 when nothing changed; None before the
+    # first clip. Read it when needed (it is never copied to the host by gradkern).
+    last_factor: torch.Tensor | None = None
 
     @torch.no_grad()
     def clip_(self, parameters: TensorOrTensors) -> torch.Tensor:
@@ -75,6 +79,7 @@ class Clipper:
                                       "global_coefficient")
         total, coef = found
         gradients.write(coef.reshape(1))
+        self.last_factor = coef
         return total
 
     def global_coefficient(self, gradients: GradSet) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -142,7 +147,9 @@ class ClipByNorm(Clipper):
             return super().apply(grads)
         total_l2 = grads.total_l2()
         norms, _ = grads.norms(self._spec, per_tensor=True)
-        grads.write(_norms.clip_coefficient(self.max_norm, norms))
+        coef = _norms.clip_coefficient(self.max_norm, norms)
+        grads.write(coef)
+        self.last_factor = _smallest(coef, total_l2)
         return total_l2
 
 
@@ -162,7 +169,10 @@ class ClipByValue(Clipper):
 
     def apply(self, grads: GradSet) -> torch.Tensor:
         total = grads.total_l2()
+        largest = grads.local_max_abs()  # from the statistics already read: no extra pass
         grads.write(None, self.value)
+        self.last_factor = torch.where(largest > self.value, self.value / largest,
+                                       torch.ones_like(largest))
         return total
 
 
@@ -337,6 +347,7 @@ class AGC(Clipper):
         seen = set(self._exclude)  # and each parameter once: clipping twice would square
         params = [p for p in grads.params if not (id(p) in seen or seen.add(id(p)))]
         if not params:
+            self.last_factor = torch.ones_like(total)
             return total
         grads.check_writable()  # before the first row is scaled
         # this rank's rows of each weight and gradient (exact for row-sharded DTensors)
@@ -348,7 +359,13 @@ class AGC(Clipper):
         coef = torch.where(g_norm < max_norm, torch.ones_like(g_norm),
                            max_norm / g_norm.clamp(min=1e-6))
         _engine.scale_units_(gs, coef)
+        self.last_factor = _smallest(coef, total)
         return total
+
+
+def _smallest(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The smallest of per-tensor (or per-unit) factors, 1 when there are none."""
+    return coef.min().clamp(max=1.0) if coef.numel() else torch.ones_like(like)
 
 
 def as_clipper(clip) -> Clipper | None:

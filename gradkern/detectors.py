@@ -42,6 +42,7 @@ class StepStats:
     update_ratio: np.ndarray | None = None  # ||w_after - w_before|| / ||w_before||
     nonfinite_ranks: list[int] | None = None  # with a process group: ranks that held NaN/inf
     log2_histogram: np.ndarray | None = None  # (layers, bins): counts of log2|g|, log steps
+    clip_factor: float | None = None  # with a clipper: the smallest factor it scaled by (1: none)
 
     @cached_property
     def total_norm(self) -> float:

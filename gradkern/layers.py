@@ -44,6 +44,25 @@ def _plain_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != _COMPILED)
 
 
+def describe(module: torch.nn.Module) -> str:
+    """What a module is, in a few characters: ``Linear(12->8)``, ``Conv2d(3->16, 3x3)``,
+    ``Embedding(1000x64)``, ``LayerNorm(64)``, else its class name."""
+    kind = type(module).__name__
+    if isinstance(module, torch.nn.Linear):
+        return f"{kind}({module.in_features}->{module.out_features})"
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        size = "x".join(map(str, module.kernel_size))
+        return f"{kind}({module.in_channels}->{module.out_channels}, {size})"
+    if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+        return f"{kind}({module.num_embeddings}x{module.embedding_dim})"
+    if isinstance(module, torch.nn.modules.batchnorm._NormBase):
+        return f"{kind}({module.num_features})"
+    if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
+        shape = getattr(module, "normalized_shape", None) or (module.num_channels,)
+        return f"{kind}({'x'.join(map(str, shape))})"
+    return kind
+
+
 @dataclass(frozen=True)
 class LayerMap:
     """Parameters grouped into layers.
@@ -51,7 +70,9 @@ class LayerMap:
     ``names`` are the layers in forward (registration) order: ``names[0]`` is nearest the input.
     ``param_names[i]`` / ``params[i]`` belong to layer ``layer_of[i]``; ``layer_numel[k]`` counts
     the elements of layer ``k``. ``is_embedding`` marks embedding layers: only the rows a batch
-    looks up get a gradient, so the dead and vanishing rules leave them alone.
+    looks up get a gradient, so the dead and vanishing rules leave them alone. ``kinds`` says
+    what each layer is (:func:`describe` of its module; with ``group_by="parameter"`` also the
+    parameter's name), for reports.
     """
 
     names: list[str]
@@ -60,6 +81,7 @@ class LayerMap:
     layer_of: list[int]
     layer_numel: list[int]
     is_embedding: list[bool]
+    kinds: list[str]
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, group_by: str = "module",
@@ -84,12 +106,15 @@ class LayerMap:
         names: list[str] = []
         index: dict[str, int] = {}
         param_names, params, layer_of, param_numel, excluded = [], [], [], [], []
+        kinds: list[str] = []
         seen: set[int] = set()
-        def add(layer: str, full: str, p: torch.Tensor, embedding: bool) -> None:
+
+        def add(layer: str, full: str, p: torch.Tensor, embedding: bool, kind: str) -> None:
             if layer not in index:
                 index[layer] = len(names)
                 names.append(layer)
                 excluded.append(embedding)
+                kinds.append(kind)
             param_names.append(full)
             params.append(p)
             layer_of.append(index[layer])
@@ -103,18 +128,21 @@ class LayerMap:
                     continue
                 seen.add(id(p))
                 full = f"{module_name}.{pname}" if module_name else pname
-                add((module_name or "(root)") if group_by == "module" else full, full, p,
-                    embedding)
+                kind = describe(module)
+                if group_by == "module":
+                    add(module_name or "(root)", full, p, embedding, kind)
+                else:
+                    add(full, full, p, embedding, f"{kind} {pname}")
         for name, p in extra:
             if id(p) not in seen:
                 seen.add(id(p))
-                add(name, name, p, False)
+                add(name, name, p, False, "optimizer-only parameter")
         if not params:
             raise ValueError("the model has no parameters")
         layer_numel = [0] * len(names)
         for i, n in zip(layer_of, param_numel):
             layer_numel[i] += n
-        return cls(names, param_names, params, layer_of, layer_numel, excluded)
+        return cls(names, param_names, params, layer_of, layer_numel, excluded, kinds)
 
     def __len__(self) -> int:
         return len(self.names)

@@ -22,7 +22,9 @@ ring (:mod:`gradkern._monitor_ring`) buffers the statistics; the log-step measur
 from __future__ import annotations
 
 import numbers
+import uuid
 from collections.abc import Iterable
+from datetime import datetime, timezone
 
 import torch
 import torch.distributed as dist
@@ -37,7 +39,7 @@ from ._monitor_measures import UpdateTracker, log2_histograms
 from ._monitor_ring import SKIPPED_BY_SCALER, SKIPPED_NONFINITE, DeviceRing
 from ._params import present_grads
 from .backends import RawStats
-from .clippers import Clipper, as_clipper
+from .clippers import ClipByNorm, Clipper, as_clipper
 from .detectors import Detector, StepStats, default_detectors
 from .events import Event
 from .layers import LayerMap, registrations, watch_registrations
@@ -136,7 +138,11 @@ class Monitor:
         skipped_steps: steps not applied (``skip_nonfinite``, or GradScaler), counted as their
             records reach the host (every ``log_every`` steps, and at :meth:`close`).
         history: the per-step host records so far (list of :class:`StepStats`), at most
-            ``keep_history`` of them.
+            ``keep_history`` of them. With a clipper, each says the smallest factor it scaled
+            the gradients by (``clip_factor``; 1: nothing clipped), and so do the sinks' step
+            records (``"clip_factor"``, ``"clipped"``).
+        run_id: the id in the run's header record, which every sink receives first (a
+            ``gk.sinks.JSONL`` file starts each run with it).
 
     Raises:
         TypeError: ``optimizer`` is not a torch optimizer nor a wrapper holding one.
@@ -199,9 +205,12 @@ class Monitor:
         self.sinks: list[Sink] = [as_sink(s) for s in sinks]
         self.steps = 0  # optimizer steps observed (skipped ones included)
 
-        self._ring = DeviceRing(self.log_every, self.layers, group)
+        self._ring = DeviceRing(self.log_every, self.layers, group,
+                                clips=self.clipper is not None)
         self._host = HostPipeline(self.detectors, self.sinks, self.keep_history,
                                   self._ring.rank, self._ring.world)
+        self.run_id = uuid.uuid4().hex[:12]
+        self._host.start(self._header())
         self._tracker = UpdateTracker()
         self._updates: dict[int, torch.Tensor] = {}  # step -> (2, layers): weight^2, update^2
         self._want_histograms = any(getattr(s, "histograms", False) for s in self.sinks)
@@ -215,6 +224,33 @@ class Monitor:
             self._hooks.append(self.optimizer.register_step_post_hook(self._post_step))
         if scaler is not None:
             self._watch_scaler(scaler)
+
+    def _header(self) -> dict:
+        """The run's header record (the first line of a ``gk.sinks.JSONL`` file): who, when,
+        what model, and the Monitor's settings, clip threshold included."""
+        from . import __version__
+
+        clipper = self.clipper
+        threshold = None  # a fixed threshold for the total L2 norm, which a report can draw
+        if (isinstance(clipper, ClipByNorm) and not clipper.per_tensor
+                and clipper._spec == _norms.L2):
+            threshold = clipper.max_norm
+        return {
+            "type": "run", "run_id": self.run_id,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "gradkern": __version__, "model": type(self._model).__name__,
+            "parameters": int(sum(self.layers.layer_numel)), "layers": len(self.layers),
+            "layer_kinds": dict(zip(self.layers.names, self.layers.kinds)),
+            "clip_threshold": threshold,
+            "settings": {
+                "log_every": self.log_every, "clip": None if clipper is None else repr(clipper),
+                "skip_nonfinite": self.skip_nonfinite, "scaler": self.scaler is not None,
+                "group_by": self._group_by, "track_updates": self.track_updates,
+                "keep_history": self.keep_history,
+                "detectors": [type(d).__name__ for d in self.detectors],
+                "world_size": self._ring.world,
+            },
+        }
 
     @property
     def events(self) -> list[Event]:
@@ -442,12 +478,15 @@ class Monitor:
             found = self.clipper.global_coefficient(gradients) if fused is not None else None
             if found is not None:
                 fused.fold(found[1])  # applied by the optimizer's own kernel
+                factor = found[1]
             else:
                 if inv_scale is not None:  # the clipper needs the true gradients first
                     _unscale_(local_grads, inv_scale)
                     fused.unscaled()
                     gradients.inv_scale = None
                 self.clipper.apply(gradients)
+                factor = self.clipper.last_factor
+            self._ring.note_clip(slot, factor.reshape(()).to(torch.float64))
         return present
 
     def _nonfinite_any(self, raw: RawStats) -> torch.Tensor:

@@ -29,6 +29,14 @@ _LAYER_SCALARS = ("grad_norm", "grad_rms", "grad_max", "zero_fraction", "weight_
 
 
 class Sink:
+    """Where a Monitor's records go. A subclass implements :meth:`write`; :meth:`start`,
+    :meth:`flush` and :meth:`close` are optional."""
+
+    def start(self, header: dict) -> None:
+        """Called once, before any record, with the Monitor's run header: ``{"type": "run",
+        "run_id", "started", "gradkern", "model", "parameters", "layers", "layer_kinds",
+        "clip_threshold", "settings"}``. By default nothing is done with it."""
+
     def write(self, record: dict) -> None:
         raise NotImplementedError
 
@@ -54,7 +62,9 @@ class JSONL(Sink):
     """Append one JSON object per line to ``path``.
 
     The file is opened in append mode and flushed at every log step, so a run that is killed
-    keeps every line written before its last log step, and each line is complete JSON.
+    keeps every line written before its last log step, and each line is complete JSON. Each
+    Monitor run starts with its header record (``"type": "run"``), so several runs can share a
+    file and ``gradkern report --run N`` tells them apart.
 
     Example:
         >>> import gradkern as gk, tempfile, os
@@ -67,6 +77,9 @@ class JSONL(Sink):
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def start(self, header: dict) -> None:
+        self.write(header)
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(_json_safe(record)) + "\n")
@@ -105,6 +118,9 @@ class TensorBoard(Sink):
             self.writer = writer_or_logdir
             self._owns = False
         self.histograms = histograms
+
+    def start(self, header: dict) -> None:
+        self.writer.add_text("gradkern/run", json.dumps(_json_safe(header), indent=1), 0)
 
     def write(self, record: dict) -> None:
         step = record["step"]
@@ -157,6 +173,8 @@ def step_metrics(record: dict, prefix: str) -> dict[str, float]:
     ``<prefix><statistic>/<layer>`` for every layer that had a gradient."""
     out = {f"{prefix}total_norm": record["total_norm"],
            f"{prefix}skipped": float(record.get("skipped", False))}
+    if "clip_factor" in record:
+        out[f"{prefix}clip_factor"] = record["clip_factor"]
     for layer, stats in record["layers"].items():
         for key in _LAYER_SCALARS:
             if stats.get(key) is not None:
@@ -204,6 +222,10 @@ class WandB(Sink):
         self._new_events = False
         self.run.define_metric(f"{prefix}step")
         self.run.define_metric(f"{prefix}*", step_metric=f"{prefix}step")
+
+    def start(self, header: dict) -> None:
+        self.run.config.update({f"{self.prefix}monitor": _json_safe(header)},
+                               allow_val_change=True)
 
     def write(self, record: dict) -> None:
         step_key = f"{self.prefix}step"
@@ -253,6 +275,9 @@ class MLflow(Sink):
         self.prefix = prefix
         self._pending: list = []
         self._events: list[list] = []
+
+    def start(self, header: dict) -> None:
+        self._client.log_dict(self.run_id, _json_safe(header), "gradkern_run.json")
 
     def write(self, record: dict) -> None:
         Metric = self._mlflow.entities.Metric

@@ -221,7 +221,8 @@ def check_monitor(rank, world, out_dir):
     assert event[0].evidence["ranks"] == [world - 1]
     lines = open(path).read().splitlines()
     if rank == 0:
-        records = [json.loads(line) for line in lines]
+        header, *records = [json.loads(line) for line in lines]
+        assert header["type"] == "run" and header["settings"]["world_size"] == world
         assert [r["step"] for r in records if r["type"] == "step"] == [0, 1, 2, 3]
         assert records[0]["layers"]["layers.0"]["grad_norm"] == pytest.approx(
             float(full_grads[0][0].norm()), rel=1e-6)

@@ -5,9 +5,9 @@ import importlib
 
 import pytest
 
-MODULES = ["gradkern", "gradkern.clipping", "gradkern.stats", "gradkern.clippers", "gradkern.events",
-           "gradkern.layers", "gradkern.monitor", "gradkern.sinks", "gradkern.backends",
-           "gradkern.tools.cases"]
+MODULES = ["gradkern", "gradkern.clipping", "gradkern.stats", "gradkern.clippers",
+           "gradkern.events", "gradkern.layers", "gradkern.monitor", "gradkern.sinks",
+           "gradkern.backends", "gradkern.tools.cases"]
 
 
 @pytest.mark.parametrize("name", MODULES)

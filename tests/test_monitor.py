@@ -239,7 +239,8 @@ def test_sinks_get_records_and_events(tmp_path):
     case = CASES["relu_regression_uniform_4_5"]()
     path = tmp_path / "run.jsonl"
     train(case, 8, log_every=4, sinks=[received.append, gk.sinks.JSONL(path)])
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    header, *lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert header["type"] == "run"  # only the JSONL file starts with the run's header
     assert len(lines) == len(received)
     assert [r["type"] for r in lines] == [r["type"] for r in received]
     steps = [r for r in lines if r["type"] == "step"]

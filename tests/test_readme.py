@@ -1,5 +1,5 @@
-"""The README's examples run as written: every ```python block that is a whole program (it
-starts with an import), each in a fresh interpreter and an empty directory."""
+"""The README's examples run as written: every ```python block is a whole program, and each runs
+in a fresh interpreter and an empty directory."""
 
 import re
 import subprocess
@@ -9,12 +9,18 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-          if b.startswith(("import ", "from "))]
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_every_python_block_is_a_whole_program():
+    assert len(BLOCKS) >= 6
+    assert all(b.startswith(("import ", "from ")) for b in BLOCKS), [
+        b.splitlines()[0] for b in BLOCKS if not b.startswith(("import ", "from "))]
 
 
 def _title(block: str) -> str:
-    return next(line for line in block.splitlines() if not line.startswith(("import", "from")))
+    return next(line for line in block.splitlines()
+                if line.strip() and not line.startswith(("import", "from")))
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[_title(b)[:40] for b in BLOCKS])

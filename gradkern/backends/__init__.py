@@ -9,6 +9,7 @@ A backend that is missing or broken is reported by :func:`backends`, never raise
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -168,13 +169,13 @@ def set_backend(name: str | None) -> str | None:
         >>> gk.set_backend(previous)
         'torch'
     """
-    global _forced
+    global _forced, _forced_by_env
     if name is not None:
         _check_name(name)
         info = _get(name)[0]
         if not info.usable:
             raise RuntimeError(f"backend {name!r} is not usable: {info.reason}")
-    previous, _forced = _forced, name
+    previous, _forced, _forced_by_env = _forced, name, False
     _dispatch_cache.clear()
     return previous
 
@@ -190,6 +191,8 @@ def backend_for(device: torch.device) -> Backend:
     cached = _dispatch_cache.get(key)
     if cached is not None:
         return cached
+    if _forced is not None and _forced_by_env and not _get(_forced)[0].usable:
+        _warn_env_backend()
     order = _ORDER.get(key, ("torch",))
     if _forced is not None and (_forced in order or _forced == "torch"):
         info = _get(_forced)[0]
@@ -235,12 +238,27 @@ def build_info(device: torch.device | str | None = None) -> dict:
     }
 
 
+_forced_by_env = False
+_warned_env = False
+
+
+def _warn_env_backend() -> None:
+    """Once: GRADKERN_BACKEND names a backend that cannot run here. (Checked at the first op,
+    not at import, where probing a CUDA backend would cost the import its speed.)"""
+    global _warned_env
+    if not _warned_env:
+        _warned_env = True
+        warnings.warn(f"GRADKERN_BACKEND={_forced} names a backend that is not usable here "
+                      f"({_get(_forced)[0].reason}); ops on its devices raise, other devices "
+                      "keep the automatic choice", RuntimeWarning, stacklevel=3)
+
+
 def _init_from_env() -> None:
-    global _forced
+    global _forced, _forced_by_env
     name = os.environ.get("GRADKERN_BACKEND", "").strip() or None
     if name is not None:
         _check_name(name)  # a typo in the variable should not silently mean "automatic"
-    _forced = name
+    _forced, _forced_by_env = name, name is not None
 
 
 _init_from_env()

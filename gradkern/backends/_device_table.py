@@ -31,7 +31,7 @@ def device_of(ws: WorkSet) -> torch.device:
 
 # torch's current stream as its raw cudaStream_t in one C call. torch.cuda.current_stream builds
 # a Stream object first: 36 us a call under cProfile on an H100 host, where the whole launch of
-# the stats pass takes 50 (benchmarks/NOTES.md). torch's own compiled code reads the stream this way.
+# the stats pass takes 50 (benchmarks/NOTES.md). torch's own compiled code reads it this way.
 _raw_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 

@@ -49,11 +49,17 @@ class Result:
 
 
 def _progress(name: str, done: int, total: int) -> None:
-    width = 30
-    filled = int(width * done / max(total, 1))
-    sys.stderr.write(f"\r  {name:34s} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-    if done == total:
-        sys.stderr.write("\n")
+    """A bar redrawn in place on a terminal; elsewhere (a log file, CI) a plain line at each
+    quarter, so captured output stays one short line per update."""
+    if sys.stderr.isatty():
+        width = 30
+        filled = int(width * done / max(total, 1))
+        sys.stderr.write(f"\r  {name:34s} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{done}/{total}")
+        if done == total:
+            sys.stderr.write("\n")
+    elif done == total or done * 4 // max(total, 1) > (done - 10) * 4 // max(total, 1):
+        sys.stderr.write(f"  {name}: step {done}/{total}\n")
     sys.stderr.flush()
 
 

@@ -19,6 +19,7 @@ def build_report() -> dict:
         "machine": platform.machine(),
         **gk.build_info(),
         "backends": {name: vars(info) for name, info in gk.backends().items()},
+        "forced_backend": gk.get_backend(),
     }
 
 
@@ -44,6 +45,13 @@ def print_info() -> None:
               f"{cu['device_count']} device(s){' - ' + cu['error'] if cu['error'] else ''}")
     else:
         print("CUDA module: not built")
+    forced = r["forced_backend"]
+    if forced is None:
+        print("dispatch   : automatic (the first usable backend for each device)")
+    else:
+        info = r["backends"][forced]
+        state = "usable" if info["usable"] else f"NOT usable: {info['reason']}"
+        print(f"dispatch   : forced to {forced} (set_backend or GRADKERN_BACKEND), {state}")
     print("backends:")
     for name, info in r["backends"].items():
         state = "usable" if info["usable"] else ("compiled, not usable" if info["compiled"]

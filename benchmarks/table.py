@@ -1,0 +1,59 @@
+"""A ``gradkern bench --json`` run as the README's table: one line naming the hardware, versions
+and command, then the rows that time gradkern against torch, in plain columns.
+
+    python benchmarks/table.py benchmarks/results/cpu-2core-2026-12-07-after.json
+
+Rows that compare gradkern with itself (grad_stats against gradkern's total norm, Numba against
+C++, the clip-by-value ceiling), with a goal rather than torch (the fused step's goal rows), and
+the Monitor's rows stay in the JSON and in ``gradkern bench``'s own output;
+``benchmarks/README.md`` discusses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NOT_AGAINST_TORCH = ("grad_stats vs gradkern total norm", "nothing clamped", "vs gradkern",
+                     "the goal")
+
+
+def _hardware(run: dict) -> str:
+    build = run.get("build", {})
+    torch_version = build.get("torch") or run.get("torch", "?")
+    cpu = build.get("cpu_build") or {}
+    threads = cpu.get("max_threads")
+    where = run.get("device", "?")
+    parts = [where, f"torch {torch_version}"]
+    if threads and "cuda" not in str(run.get("command", "")):
+        parts.append(f"{threads} threads")
+    return ", ".join(parts)
+
+
+def markdown(run: dict, hardware: str | None = None) -> str:
+    lines = [f"{hardware or _hardware(run)}; `{run.get('command', 'gradkern bench')}`; best of "
+             "7, torch and gradkern timed in turn", "",
+             "| op | set | torch ms | gradkern ms | speed-up |", "|---|---|---:|---:|---:|"]
+    for row in run["rows"]:
+        op = row["op"].strip()
+        if any(word in op for word in NOT_AGAINST_TORCH):
+            continue
+        op = op.replace("grad_stats vs per-tensor torch", "grad_stats (torch: a norm, max, "
+                        "NaN and zero count per tensor)")
+        lines.append(f"| {op} | {row['scenario']} | {row['torch_ms']:.2f} | "
+                     f"{row['gradkern_ms']:.2f} | {row['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", help="a file gradkern bench --json wrote")
+    parser.add_argument("--hardware", help="the first line's description of the machine "
+                        "(default: what the JSON records)")
+    args = parser.parse_args()
+    with open(args.json, encoding="utf-8") as f:
+        print(markdown(json.load(f), args.hardware))
+
+
+if __name__ == "__main__":
+    main()
