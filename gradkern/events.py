@@ -15,9 +15,12 @@ ADVICE: dict[str, tuple[str, ...]] = {
         "use Monitor(skip_nonfinite=True) to drop the bad steps while you investigate",
     ),
     "exploding": (
-        "clip gradients by norm (Monitor(clip=1.0), or adaptive: gk.AutoClip, gk.ZClip, gk.AGC)",
+        "clip gradients by norm (Monitor(clip=1.0)), by value, or unit-wise (gk.AGC)",
         "lower the learning rate",
         "use a smaller initial weight scale (Glorot/He/LeCun init matched to the activation)",
+        "once training is stable, adaptive clipping (gk.ZClip, gk.AutoClip) absorbs later "
+        "spikes; it learns its threshold from the norms it has seen, so it cannot catch a run "
+        "that explodes from its first steps",
         "add normalisation (batch norm / layer norm) and L2 weight decay",
     ),
     "spike": (

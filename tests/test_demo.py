@@ -48,6 +48,29 @@ def test_demo_verdicts(demo):
     assert baseline.run.summary["skipped steps"] > 0
 
 
+def test_the_demo_advice_matches_what_the_demo_shows(demo):
+    """Each event kind's first advice is a remedy the demo shows working, and every remedy
+    that does not save its case says why."""
+    from gradkern.events import ADVICE
+    from gradkern.tools.demo import FIRST_ADVICE_SHOWN_BY
+
+    _, results = demo
+    concept = {"vanishing": "non-saturating activation", "exploding": "clip gradients by norm",
+               "nonfinite": "lower the learning rate"}
+    for kind, (scenario, remedy) in FIRST_ADVICE_SHOWN_BY.items():
+        assert concept[kind] in ADVICE[kind][0]
+        shown = results[(scenario, remedy)]
+        assert shown.saved, (kind, remedy, shown.verdict)
+    baselines = {scenario: r for (scenario, remedy), r in results.items()
+                 if remedy.startswith("baseline")}
+    assert "vanishing" in baselines["1 vanishing"].events
+    assert {"exploding", "nonfinite"} <= set(baselines["2 exploding"].events)
+    for (scenario, remedy), r in results.items():
+        if not remedy.startswith("baseline"):
+            assert r.saved or r.why, f"{remedy} does not save {scenario} and does not say why"
+            assert not (r.saved and r.why)
+
+
 def test_report_command_on_a_monitor_jsonl(tmp_path):
     from gradkern.tools.cli import main
 

@@ -46,6 +46,32 @@ class Result:
     events: list[str]
     verdict: str
     run: Run
+    why: str = ""  # for a remedy that does not save its case: why not
+
+    @property
+    def saved(self) -> bool:
+        return self.verdict in ("healthy", "stable")
+
+
+# Why a remedy from the literature does not save the demo's case, for the table (shown only
+# when it does not). Each names the mechanism, so that the advice stays usable.
+WHY_NOT = {
+    "Glorot init": "a sigmoid's slope is at most 0.25, so every layer still shrinks the "
+                   "gradient; Glorot keeps the forward variance, not the backward flow",
+    "Adam, lr 1e-4": "Adam rescales each step, but the gradients still shrink through every "
+                     "sigmoid layer; the smaller rate only slows learning",
+    "L2 (weight decay 0.1)": "decay pulls weights down a little per step; the uniform(4, 5) "
+                             "init explodes within the first steps, before it can act",
+    "gk.AutoClip": "it clips to a percentile of the norms seen so far; the norm explodes from "
+                   "step 0, so the history, and the threshold, explode with it",
+    "gk.ZClip": "its first 5 steps (warm-up) set the baseline; this run already explodes "
+                "in them, so the explosion is the baseline",
+}
+
+# The remedy in the demo that shows each event kind's first advice working.
+FIRST_ADVICE_SHOWN_BY = {"vanishing": ("1 vanishing", "ReLU"),
+                         "exploding": ("2 exploding", "clip by norm (1.0)"),
+                         "nonfinite": ("2 exploding", "smaller learning rate (1e-5)")}
 
 
 def _progress(name: str, done: int, total: int) -> None:
@@ -141,9 +167,10 @@ def vanishing(out_dir: str, epochs: int) -> list[Result]:
         kinds = sorted({e["event"] for e in run.events})
         run.summary = {"accuracy": accuracy, "first/last gradient RMS": ratio}
         verdict = "vanishing" if "vanishing" in kinds else "healthy"
+        why = WHY_NOT.get(remedy, "") if verdict != "healthy" else ""
         results.append(Result("1 vanishing", remedy,
                               f"accuracy {accuracy:.3f}, first/last RMS {ratio:.2g}", kinds,
-                              verdict, run))
+                              verdict, run, why))
     return results
 
 
@@ -196,7 +223,8 @@ def exploding(out_dir: str, steps: int) -> list[Result]:
         verdict = ("diverged (non-finite gradients)" if "nonfinite" in kinds else
                    "exploding" if "exploding" in kinds else "stable")
         metric = f"test MSE {loss:.3g}" + (f", {skipped} steps skipped" if skipped else "")
-        results.append(Result("2 exploding", remedy, metric, kinds, verdict, run))
+        why = WHY_NOT.get(remedy, "") if verdict != "stable" else ""
+        results.append(Result("2 exploding", remedy, metric, kinds, verdict, run, why))
     return results
 
 
@@ -269,6 +297,8 @@ def _table(results: list[Result]) -> str:
     for r in results:
         lines.append(f"{r.scenario:12s} {r.remedy:40s} {r.metric:38s} "
                      f"{', '.join(r.events) or '-':28s} {r.verdict}")
+        if r.why:
+            lines.append(f"{'':12s}   why not: {r.why}")
     return "\n".join(lines)
 
 
@@ -293,8 +323,9 @@ def run_demo(out_dir: str = "gradkern-demo", quick: bool = False) -> list[Result
     sections.append(("Summary", intro, {}))
     for r in results:
         text = (f"<p><b>{html.escape(r.scenario)}: {html.escape(r.remedy)}</b>: "
-                f"{html.escape(r.metric)}; verdict: {html.escape(r.verdict)}.</p>"
-                + events_table(r.run))
+                f"{html.escape(r.metric)}; verdict: {html.escape(r.verdict)}."
+                + (f" Why it does not save this case: {html.escape(r.why)}." if r.why else "")
+                + "</p>" + events_table(r.run))
         images = {name: png_bytes(fig) for name, fig in run_figures(r.run).items()}
         sections.append((f"{r.scenario}: {r.remedy}", text, images))
     depth_text = "".join(f"<p>scale {s}: first layer {a:.3g}, last layer {b:.3g}</p>"

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -188,7 +189,8 @@ def finish_axes(fig, ax, xlabel: str, ylabel: str, title: str, legend_size: int 
                 transform=ax.transAxes, ha="center", va="center", color="tab:red")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    # a long run name must not push the title past the figure's edge
+    ax.set_title("\n".join(textwrap.fill(line, 80) for line in title.split("\n")))
     if steps_on_x:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ax.get_legend_handles_labels()[0]:
@@ -210,6 +212,13 @@ def _has_positive(ax) -> bool:
     return False
 
 
+def _all_steps(ax, steps: list[int]) -> None:
+    """Show every step of the run, those with nothing finite to draw included (a run that
+    diverged: its skipped steps are marked on the band)."""
+    if len(steps) > 1:
+        ax.set_xlim(steps[0] - 0.5, steps[-1] + 0.5)
+
+
 def _norm_of(record: dict, layer: str, field_name: str = "grad_norm") -> float:
     return _positive(record["layers"].get(layer, {}).get(field_name, "nan"))
 
@@ -227,6 +236,7 @@ def layer_norms_figure(run: Run):
     for k, layer in enumerate(layers):
         ax.plot(steps, [_norm_of(r, layer) for r in run.steps], color=cmap(k),
                 label=run.layer_label(layer), linewidth=1.2)
+    _all_steps(ax, steps)
     return finish_axes(fig, ax, "optimizer step", "gradient L2 norm of the layer",
                        f"{title}\n(input side dark, output side light)")
 
@@ -313,6 +323,7 @@ def total_norm_figure(run: Run):
     if skipped:
         ax.scatter(skipped, [0.03] * len(skipped), transform=ax.get_xaxis_transform(),
                    marker="x", color="tab:red", label="skipped step", clip_on=False)
+    _all_steps(ax, steps)
     return finish_axes(fig, ax, "optimizer step", "L2 norm of all gradients",
                        f"{run.name}: total gradient norm, events marked")
 
