@@ -105,3 +105,19 @@ def test_fused_step_times_run_every_way():
         t = fused_step_times(1, "cpu", 1, best_times, amp=amp)
         assert set(t) == {"torch_clip", "gradkern", "unclipped", "read"}
         assert all(v > 0 for v in t.values())
+
+
+def test_contention_scenario_starts_and_stops_its_busy_processes(monkeypatch):
+    from gradkern.tools import bench_contention
+
+    monkeypatch.setattr(bench_contention, "SETS",
+                        {"small": lambda: [((100,), torch.float32)] * 50})
+    with bench_contention.busy_processes(2) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.poll() is not None for p in procs)  # stopped
+    rows = bench_contention.contention_times(1, calls=5)
+    assert {r["op"] for r in rows} == {"total norm", "clip_grad_norm_, no clipping"}
+    for r in rows:
+        assert r["busy"] == 1 and r["calls"] == 5
+        assert 0 < r["gradkern_median_ms"] <= r["gradkern_p90_ms"]
+        assert 0 < r["torch_median_ms"] <= r["torch_p90_ms"]

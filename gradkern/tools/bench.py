@@ -26,6 +26,8 @@ import gradkern as gk
 from gradkern import backends, set_backend
 
 from .bench_compiled_step import compiled_step_times
+from .bench_contention import contention_times
+from .bench_contention import print_rows as print_contention_rows
 from .bench_fused_step import CLIPPING, NOTHING_TO_CLIP, fused_step_times
 from .bench_monitor import monitor_overhead
 from .bench_monitor import print_rows as print_monitor_rows
@@ -121,7 +123,10 @@ def _per_tensor_torch_stats(grads):
 
 
 def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = None,
-              backend: str | None = None) -> int:
+              backend: str | None = None, contention: int | None = None) -> int:
+    """Every scenario, torch against gradkern; ``contention`` busy processes for the
+    contention rows (default: 3 on the CPU in a full run, none with ``quick`` or on a GPU;
+    0: none)."""
     repeats = 3 if quick else 7
     rows: list[dict] = []
     previous = set_backend(backend) if backend else None
@@ -216,6 +221,10 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
     print()
     monitor_rows = monitor_overhead(device, steps=12 if quick else 40)
     print_monitor_rows(monitor_rows)
+    if contention is None:
+        contention = 0 if quick or on_gpu else 3
+    contention_rows = contention_times(contention) if contention > 0 else []
+    print_contention_rows(contention_rows)
     if backend:
         set_backend(previous)
     if json_path:
@@ -224,7 +233,8 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
                        "torch": torch.__version__, "cuda": torch.version.cuda,
                        "command": f"gradkern bench --device {device}" + (" --quick" if quick else ""),
                        "limits_bytes_per_s": limits, "rows": rows,
-                       "monitor_rows": monitor_rows}, f, indent=2, default=str)
+                       "monitor_rows": monitor_rows, "contention_rows": contention_rows},
+                      f, indent=2, default=str)
         print(f"wrote {json_path}")
     return 0
 

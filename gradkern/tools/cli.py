@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--backend", default=None,
                        help="gradkern backend to time (default: every usable one)")
+    bench.add_argument("--contention", type=int, default=None, metavar="N",
+                       help="busy processes beside the loop for the contention rows (default: "
+                            "3 in a full CPU run, 0 with --quick or on a GPU)")
     args = parser.parse_args(argv)
     problem = _cannot_run(args)
     if problem:
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from .bench import run_bench
 
     return run_bench(device=args.device, quick=args.quick, json_path=args.json,
-                     backend=args.backend)
+                     backend=args.backend, contention=args.contention)
 
 
 def _cannot_run(args) -> str | None:
