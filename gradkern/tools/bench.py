@@ -67,9 +67,11 @@ def best_times(fns: list[Callable[[], object]], repeats: int, device: str,
     return best
 
 
-# clip_grad_value_'s bound: |N(0,1)| > 2.6 for ~0.93% of values. NOTHING_CLAMPED is one no
-# value reaches, but finite: an infinite bound returns before reading anything.
-CLAMP_AT = 2.6
+# clip_grad_value_'s bound: the 99.9th percentile of |g| (the bench's gradients are N(0, 1):
+# |g| > 3.29 for 0.1% of values), a bound that clips outliers as training runs set it. The
+# fraction hardly moves the figure while it stays under 1% (benchmarks/NOTES.md). NOTHING_CLAMPED
+# is one no value reaches, but finite: an infinite bound returns before reading anything.
+CLAMP_AT = 3.2905
 NOTHING_CLAMPED = 1e30
 
 _LIMIT_BUFFER_BYTES = 4 << 30
