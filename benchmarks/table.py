@@ -30,9 +30,10 @@ def _hardware(run: dict) -> str:
     return ", ".join(parts)
 
 
-def markdown(run: dict, hardware: str | None = None) -> str:
-    lines = [f"{hardware or _hardware(run)}; `{run.get('command', 'gradkern bench')}`; best of "
-             "7, torch and gradkern timed in turn", "",
+def markdown(run: dict, hardware: str | None = None, path: str | None = None) -> str:
+    command = run.get("command", "gradkern bench") + (f" --json {path}" if path else "")
+    lines = [f"{hardware or _hardware(run)}; `{command}`; best of 7, torch and gradkern timed "
+             "in turn", "",
              "| op | set | torch ms | gradkern ms | speed-up |", "|---|---|---:|---:|---:|"]
     for row in run["rows"]:
         op = row["op"].strip()
@@ -52,7 +53,7 @@ def main() -> None:
                         "(default: what the JSON records)")
     args = parser.parse_args()
     with open(args.json, encoding="utf-8") as f:
-        print(markdown(json.load(f), args.hardware))
+        print(markdown(json.load(f), args.hardware, args.json))
 
 
 if __name__ == "__main__":
