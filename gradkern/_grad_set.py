@@ -182,7 +182,7 @@ class GradSet:
         (every read pass also takes max |g|); NaN when one holds a NaN, 0 when there are none."""
         maxima = []
         for part in self.parts:
-            hit = next(iter(part.stats.values()), None)
+            hit = _first_read(part)
             if hit is not None and hit[0] is not None and hit[0].max_abs.numel():
                 maxima.append(hit[0].max_abs.max())
         if not maxima:
@@ -280,22 +280,15 @@ class GradSet:
             n = len(part.index) if part.index is not None else len(self.tensors)
             pieces.append((part, *distributed.reduce_per_tensor(raw, numel, n, spec, part.groups,
                                                                 self._device(part), error)))
-        if len(pieces) == 1 and pieces[0][0].index is None:
-            return pieces[0][1], pieces[0][2]
-        device = pieces[0][1].power_sum.device
-        n = len(self.tensors)
-        f64, i64 = torch.float64, torch.int64
-        full = RawStats(torch.zeros(n, dtype=f64, device=device),
-                        torch.zeros(n, dtype=f64, device=device),
-                        torch.zeros(n, dtype=i64, device=device),
-                        torch.zeros(n, dtype=i64, device=device))
-        full_numel = torch.zeros(n, dtype=i64, device=device)
-        for part, raw, numel in pieces:
-            index = torch.tensor(part.index, dtype=torch.long, device=device)
-            for name in ("power_sum", "max_abs", "nonfinite", "zeros"):
-                getattr(full, name)[index] = getattr(raw, name).to(device)
-            full_numel[index] = numel.to(device)
-        return full, full_numel
+        device, n = pieces[0][1].power_sum.device, len(self.tensors)
+
+        def in_order(field) -> torch.Tensor:
+            return _in_list_order([(part, field(raw, numel)) for part, raw, numel in pieces], n,
+                                  device)
+
+        full = RawStats(*(in_order(lambda raw, _, k=k: getattr(raw, k))
+                          for k in ("power_sum", "max_abs", "nonfinite", "zeros")))
+        return full, in_order(lambda _, numel: numel)
 
     # ---- checks ----------------------------------------------------------------------------
 
@@ -335,7 +328,7 @@ class GradSet:
             self._settle(_norms.parse_norm_type(float("inf")))
         found = []
         for part in self.parts:
-            hit = next(iter(part.stats.values()), None)
+            hit = _first_read(part)
             if hit is None:
                 hit = self._stats(part, _norms.parse_norm_type(float("inf")))
             raw = hit[0]
@@ -396,11 +389,17 @@ class GradSet:
                 part_coef = coef[torch.tensor(part.index, device=coef.device)]
             _engine.clip_in_place(tables, part_coef, clip_value)
 
+def _first_read(part: _Part) -> tuple | None:
+    """The statistics of the part's first read pass, any norm kind (each also holds max |g|
+    and the counts), or None before one."""
+    return next(iter(part.stats.values()), None)
+
+
 def _in_list_order(pieces: list, n: int, device: torch.device) -> torch.Tensor:
-    """Per-part values put back in the set's order."""
+    """Per-part values put back in the set's order (the parts cover every position)."""
     if len(pieces) == 1 and pieces[0][0].index is None:
         return pieces[0][1].to(device)
-    out = torch.empty(n, dtype=torch.float64, device=device)
+    out = torch.empty(n, dtype=pieces[0][1].dtype, device=device)
     for part, values in pieces:
         out[torch.tensor(part.index, device=device)] = values.to(device)
     return out

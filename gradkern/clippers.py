@@ -37,7 +37,7 @@ def gradients_of(parameters: TensorOrTensors, group=None) -> GradSet | None:
     grads = [p.grad for p in params]
     gradients = GradSet.of_local(grads, names, group=group, intent=Intent.CLAMP,
                                  what="a clipper", params=params)
-    if group is None:
+    if group is None and gradients.tensors is not grads:  # DTensors were replaced by locals
         distributed.require_group_for_shards(grads, "a clipper")
     return gradients
 
