@@ -71,6 +71,19 @@ def _monitor_vs_hooks(run: dict) -> float | None:
     return inside["training step + hooks"] / inside["training step + gradkern"]
 
 
+def _contended(op: str, scenario: str, stat: str) -> Callable[[dict], float | None]:
+    """torch's time over gradkern's in a contention row with 3 busy processes: ``stat`` is
+    "median" or "p90"."""
+    def read(run: dict) -> float | None:
+        rows = [r for r in run.get("contention_rows", [])
+                if r["op"] == op and r["scenario"] == scenario and r["busy"] == 3]
+        return rows[0][f"torch_{stat}_ms"] / rows[0][f"gradkern_{stat}_ms"] if rows else None
+    return read
+
+
+SMALL = "many-small 1,000 x 1,000"
+CONTENDED_OPS = ("total norm", "clip_grad_norm_, no clipping")
+
 TARGETS = [
     Target("total norm, 10,000 x 1,000, >= 10x", _speedup("total norm", MANY),
            lambda v: v >= 10, "x"),
@@ -92,6 +105,12 @@ TARGETS = [
     Target("Numba vs C++, 4 x 64M, >= 0.5x", _numba_over_cpp, lambda v: v >= 0.5, "x"),
     Target("Monitor vs per-parameter hooks, >= 10x less time in hooks", _monitor_vs_hooks,
            lambda v: v >= 10, "x"),
+] + [
+    Target(f"3 busy: {op.split(',')[0]}, {short}, {stat} >= {bound:g}x",
+           _contended(op, scenario, stat), lambda v, bound=bound: v >= bound, "x")
+    for scenario, short in ((SMALL, "1,000 x 1,000"), (GPT2, "GPT-2"))
+    for op in CONTENDED_OPS
+    for stat, bound in (("median", 5.0), ("p90", 2.0))
 ]
 
 def _fmt(value: float | None, unit: str) -> str:

@@ -1,5 +1,7 @@
 """A ``gradkern bench --json`` run as the README's table: one line naming the hardware, versions
-and command, then the rows that time gradkern against torch, in plain columns.
+and command, then the rows that time gradkern against torch, in plain columns, and the contention rows
+(median and 90th percentile of single calls with busy processes beside the loop) where the run
+has them.
 
     python benchmarks/table.py benchmarks/results/cpu-2core-2026-12-07-after.json
 
@@ -43,6 +45,17 @@ def markdown(run: dict, hardware: str | None = None, path: str | None = None) ->
                         "NaN and zero count per tensor)")
         lines.append(f"| {op} | {row['scenario']} | {row['torch_ms']:.2f} | "
                      f"{row['gradkern_ms']:.2f} | {row['speedup']:.2f}x |")
+    contended = run.get("contention_rows", [])
+    if contended:
+        lines += ["", f"With {contended[0]['busy']} busy processes beside the loop "
+                  f"({contended[0]['calls']} single calls each, a 256 x 256 matmul before every "
+                  "call): median / 90th percentile", "",
+                  "| op | set | torch ms | gradkern ms | speed-up |", "|---|---|---:|---:|---:|"]
+        for row in contended:
+            t, g = (row["torch_median_ms"], row["torch_p90_ms"]), (row["gradkern_median_ms"],
+                                                                    row["gradkern_p90_ms"])
+            lines.append(f"| {row['op']} | {row['scenario']} | {t[0]:.2f} / {t[1]:.2f} | "
+                         f"{g[0]:.2f} / {g[1]:.2f} | {t[0] / g[0]:.2f}x / {t[1] / g[1]:.2f}x |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "gradkern/build_info.h"
+#include "gradkern/cpu_share.h"
 #include "gradkern/ops.h"
 #include "export_constants.h"
 #include "python_tensor_table.h"
@@ -266,6 +267,10 @@ PYBIND11_MODULE(_cpu, m) {
     d["kernel_isas"] = b.kernel_isas;
     d["active_isa"] = b.active_isa;
     d["max_threads"] = b.max_threads;
+    d["cpu_share_measurable"] = b.cpu_share_measurable;
     return d;
   });
+  m.def("cpu_shared", &cpu_shared,
+        "Whether the calling thread recently waited for a core more than a third as long as it ran "
+        "(passes below a size then run on the calling thread alone).");
 }

@@ -82,7 +82,13 @@ def test_cpu_targets_read_each_row_the_way_round_its_target_names():
         # the "torch" column is Numba: speed-up = Numba time / C++ time
         row("total norm: numba vs gradkern", huge, 2.5),
     ], "monitor_rows": [dict(op="training step + gradkern", inside_ms=4.0),
-                        dict(op="training step + hooks", inside_ms=44.0)]}
+                        dict(op="training step + hooks", inside_ms=44.0)],
+        "contention_rows": [
+            dict(op="total norm", scenario=targets.SMALL, busy=3, torch_median_ms=3.0,
+                 torch_p90_ms=10.0, gradkern_median_ms=0.5, gradkern_p90_ms=6.0),
+            # another number of busy processes is not the target's
+            dict(op="total norm", scenario=gpt2, busy=1, torch_median_ms=50.0,
+                 torch_p90_ms=60.0, gradkern_median_ms=5.0, gradkern_p90_ms=6.0)]}
     lines = {line[:58].strip(): line[58:] for line in targets.report([run])}
     assert lines["total norm, 10,000 x 1,000, >= 10x"].split() == ["9.90x", "met", "in", "0", "of", "1"]
     assert "12.00x   met in 1 of 1" in lines["clip_grad_norm_, 10,000 x 1,000, >= 10x"]
@@ -93,6 +99,9 @@ def test_cpu_targets_read_each_row_the_way_round_its_target_names():
     assert "86%   met in 1 of 1" in lines["total norm, 4 x 64M, >= 85% of read bandwidth"]
     assert "0.40x   met in 0 of 1" in lines["Numba vs C++, 4 x 64M, >= 0.5x"]
     assert "11.00x   met in 1 of 1" in lines["Monitor vs per-parameter hooks, >= 10x less time in hooks"]
+    assert "6.00x   met in 1 of 1" in lines["3 busy: total norm, 1,000 x 1,000, median >= 5x"]
+    assert "1.67x   met in 0 of 1" in lines["3 busy: total norm, 1,000 x 1,000, p90 >= 2x"]
+    assert lines["3 busy: total norm, GPT-2, median >= 5x"].split()[0] == "-"
     # a run without a row shows "-" and does not count
     assert lines["clip_grad_norm_, GPT-2, clipping, >= 1.0x"].split() == ["-", "met", "in", "0", "of", "0"]
 

@@ -56,6 +56,7 @@ BuildInfo build_info() {
 #endif
   info.active_isa = fast_kernels().isa;
   info.max_threads = max_threads();
+  info.cpu_share_measurable = cpu_share_measurable();
   return info;
 }
 

@@ -227,7 +227,9 @@ template <NormKind K>
 bool tensor_stats_streaming_impl(TableSource& source, const TensorTable& table, double p,
                                  TensorStatsOut out) {
   const std::int64_t n = table.size;
-  if (max_threads() < 2 || n < kStreamMinRows) {
+  // On shared cores the table is read first too: the pass then knows its size, and the size
+  // decides whether helpers are worth waiting for (see kMinParallelRangesShared).
+  if (max_threads() < 2 || n < kStreamMinRows || cpu_shared()) {
     const bool complete = source.fill(0, n) == n;
     source.done();
     if (complete) tensor_stats_impl<K>(table, p, out);
@@ -252,18 +254,20 @@ bool tensor_stats_streaming_impl(TableSource& source, const TensorTable& table, 
         source.done();
       },
       [&] {  // every thread, the caller after its reading: reduce published rows until none is left
+        SpinWait wait;
         for (;;) {
           const bool more_coming = reading.load(std::memory_order_acquire);
           const std::int64_t ready = published.load(std::memory_order_acquire);
           std::int64_t begin = claimed.load(std::memory_order_relaxed);
           if (begin >= ready) {
             if (!more_coming) return;
-            cpu_relax();
+            wait();
             continue;
           }
           const std::int64_t end = begin + kClaimRows < ready ? begin + kClaimRows : ready;
           if (claimed.compare_exchange_weak(begin, end, std::memory_order_relaxed)) {
             reduce_streamed_rows<K>(fast, table, p, begin, end, out);
+            wait.reset();
           }
         }
       });

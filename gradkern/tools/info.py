@@ -32,6 +32,10 @@ def print_info() -> None:
         print(f"CPU module : {cpu['compiler']}")
         print(f"  flags    : {cpu['flags']}")
         print(f"  OpenMP   : {'yes' if cpu['openmp'] else 'no'} ({cpu['max_threads']} threads)")
+        shared = ("small passes stay on the calling thread when the cores are shared"
+                  if cpu["cpu_share_measurable"] else
+                  "not measurable here: passes always use the whole team")
+        print(f"  sharing  : {shared}")
         print(f"  SIMD     : baseline {cpu['simd']}; hot loops built for {cpu['kernel_isas']},"
               f" running {cpu['active_isa']}")
     else:

@@ -13,6 +13,7 @@ struct BuildInfo {
   std::string kernel_isas;  // builds of the hot loops compiled in (cpp/cpu/isa/)
   std::string active_isa;   // the one this CPU runs
   int max_threads;
+  bool cpu_share_measurable;  // whether passes can tell shared cores (gradkern/cpu_share.h)
 };
 
 BuildInfo build_info();
