@@ -26,15 +26,20 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def _spin(seconds: float) -> None:
+    """Keep the calling thread runnable for ``seconds``."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def _verdict_after_spinning(seconds: float) -> bool:
     """cpu_shared() in a fresh thread (its own window) after it has spun for ``seconds``."""
     verdict = []
 
     def spin():
         cpu.cpu_shared()  # a thread's first reading starts its window
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            pass
+        _spin(seconds)
         verdict.append(cpu.cpu_shared())
 
     thread = threading.Thread(target=spin)
@@ -85,7 +90,7 @@ def _run(threads: str, cwd) -> tuple[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": threads, "GRADKERN_BACKEND": "cpp"}
     out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=cwd, capture_output=True,
                          text=True, check=True).stdout
-    results, verdict = out.rsplit("\n", 2)[0], out.rsplit("\n", 2)[1]
+    results, verdict, _ = out.rsplit("\n", 2)
     return results, verdict
 
 
@@ -108,9 +113,7 @@ def test_a_forked_child_measures_its_own_thread():
     # statistics can say "quiet" once it has stopped the busy processes and spun alone.
     with busy_processes(2 * _cores()) as busy:
         cpu.cpu_shared()
-        end = time.perf_counter() + 0.25
-        while time.perf_counter() < end:
-            pass
+        _spin(0.25)
         assert cpu.cpu_shared() is True
         pid = os.fork()
         if pid == 0:
@@ -120,9 +123,7 @@ def test_a_forked_child_measures_its_own_thread():
                     os.kill(p.pid, signal.SIGKILL)
                 time.sleep(0.1)
                 cpu.cpu_shared()
-                end = time.perf_counter() + 0.25
-                while time.perf_counter() < end:
-                    pass
+                _spin(0.25)
                 code = 0 if cpu.cpu_shared() is False else 1
             finally:
                 os._exit(code)

@@ -1,5 +1,6 @@
 #include "gradkern/cpu_share.h"
 
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 
@@ -11,12 +12,12 @@
 namespace gradkern {
 namespace {
 
+#if defined(__linux__)
 // The runnable time one verdict covers. Long enough to span a scheduler slice (0.75-3 ms)
 // several times over, so one unlucky wait does not flip it; short enough that a training step
 // (tens of ms and up) always yields a fresh one.
 constexpr std::uint64_t kWindowNs = 4'000'000;
 
-#if defined(__linux__)
 // One per thread: the file names the thread that opened it, and each thread has its own window.
 // A fork's child inherits the descriptor, which still names the parent's thread, so a gauge
 // reopens it in a process other than its own.
@@ -35,6 +36,10 @@ class ThreadGauge {
       open();
       shared_ = false;
     }
+    // A thread is runnable for no longer than the wall time that passes, so until kWindowNs of
+    // it has passed since the window opened, the window cannot be complete: no read needed.
+    const auto now = std::chrono::steady_clock::now();
+    if (now - window_opened_ < std::chrono::nanoseconds(kWindowNs)) return shared_;
     std::uint64_t run = 0, wait = 0;
     if (!read(run, wait)) return shared_;
     const std::uint64_t d_run = run - run_ns_, d_wait = wait - wait_ns_;
@@ -42,6 +47,7 @@ class ThreadGauge {
       shared_ = 3 * d_wait > d_run;
       run_ns_ = run;
       wait_ns_ = wait;
+      window_opened_ = now;
     }
     return shared_;
   }
@@ -50,6 +56,7 @@ class ThreadGauge {
   void open() {
     pid_ = ::getpid();
     fd_ = ::open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+    window_opened_ = std::chrono::steady_clock::now();
     if (!read(run_ns_, wait_ns_)) close();
   }
   void close() {
@@ -75,6 +82,7 @@ class ThreadGauge {
   int fd_ = -1;
   pid_t pid_ = 0;
   std::uint64_t run_ns_ = 0, wait_ns_ = 0;  // at the start of the current window
+  std::chrono::steady_clock::time_point window_opened_;
   bool shared_ = false;
 };
 
@@ -82,24 +90,19 @@ ThreadGauge& this_thread_gauge() {
   thread_local ThreadGauge gauge;
   return gauge;
 }
-#endif
 
 }  // namespace
 
-bool cpu_shared() {
-#if defined(__linux__)
-  return this_thread_gauge().shared();
-#else
-  return false;
-#endif
-}
+bool cpu_shared() { return this_thread_gauge().shared(); }
+bool cpu_share_measurable() { return this_thread_gauge().usable(); }
 
-bool cpu_share_measurable() {
-#if defined(__linux__)
-  return this_thread_gauge().usable();
-#else
-  return false;
+#else  // no per-thread scheduler statistics: passes run as on a quiet machine
+
+}  // namespace
+
+bool cpu_shared() { return false; }
+bool cpu_share_measurable() { return false; }
+
 #endif
-}
 
 }  // namespace gradkern

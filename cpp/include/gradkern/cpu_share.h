@@ -9,9 +9,9 @@ namespace gradkern {
 // (milliseconds) for a helper thread that is not running, which a small pass cannot earn back.
 //
 // Read from the kernel's per-thread scheduler statistics (Linux /proc/thread-self/schedstat:
-// run time and run-queue wait) at a cost of about 1 us. A verdict covers at least kWindowNs of
-// the thread's runnable time since the previous verdict; until that much has passed the
-// previous verdict stands. Where the statistics are unavailable (another OS, a kernel without
+// run time and run-queue wait), a read of about 1 us made at most once per window. A verdict
+// covers at least 4 ms of the thread's runnable time since the previous verdict; until that
+// much has passed the previous verdict stands. Where the statistics are unavailable (another OS, a kernel without
 // CONFIG_SCHED_INFO), it is always false, and passes run as on a quiet machine.
 bool cpu_shared();
 
