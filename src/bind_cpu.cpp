@@ -266,6 +266,7 @@ PYBIND11_MODULE(_cpu, m) {
     d["simd"] = b.simd;
     d["kernel_isas"] = b.kernel_isas;
     d["active_isa"] = b.active_isa;
+    d["reads_ahead"] = b.reads_ahead;
     d["max_threads"] = b.max_threads;
     d["cpu_share_measurable"] = b.cpu_share_measurable;
     return d;

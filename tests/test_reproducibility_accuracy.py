@@ -163,18 +163,27 @@ print(out)
 """
 
 
+def _isa_script_output(tmp_path, isa: str, read_ahead: str) -> str:
+    env = {**os.environ, "GRADKERN_CPU_ISA": isa, "GRADKERN_CPU_READ_AHEAD": read_ahead}
+    probe = "from gradkern import _native; b = _native.cpu.build_info(); " \
+            "print(b['active_isa'], b['reads_ahead'])"
+    active = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert active[1] == str(read_ahead == "1")  # the override took effect
+    return subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, check=True).stdout
+
+
 def test_baseline_and_avx2_kernels_agree_bitwise(tmp_path):
-    """The hot loops are built twice (portable and AVX2); both must give the same bits."""
+    """The hot loops are built twice (portable and AVX2), each with and without the read-ahead
+    prefetches; all four tables must give the same bits."""
     if not gk.backends()["cpp"].usable:
         pytest.skip("cpp not usable")
     from gradkern import _native
 
     if "avx2" not in _native.cpu.build_info()["kernel_isas"].split():
         pytest.skip("only the baseline build of the hot loops exists on this platform")
-    outputs = {}
-    for isa in ("baseline", "native"):
-        env = {**os.environ, "GRADKERN_CPU_ISA": isa}
-        outputs[isa] = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env,
-                                      cwd=tmp_path, capture_output=True, text=True,
-                                      check=True).stdout
-    assert outputs["baseline"] == outputs["native"]
+    outputs = {(isa, ahead): _isa_script_output(tmp_path, isa, ahead)
+               for isa in ("baseline", "native") for ahead in ("0", "1")}
+    assert outputs[("native", "0")]  # the script printed its bits
+    assert len(set(outputs.values())) == 1, outputs

@@ -55,6 +55,7 @@ BuildInfo build_info() {
   info.kernel_isas += " avx2";
 #endif
   info.active_isa = fast_kernels().isa;
+  info.reads_ahead = fast_kernels().reads_ahead;
   info.max_threads = max_threads();
   info.cpu_share_measurable = cpu_share_measurable();
   return info;

@@ -37,7 +37,8 @@ def print_info() -> None:
                   "not measurable here: passes always use the whole team")
         print(f"  sharing  : {shared}")
         print(f"  SIMD     : baseline {cpu['simd']}; hot loops built for {cpu['kernel_isas']},"
-              f" running {cpu['active_isa']}")
+              f" running {cpu['active_isa']}"
+              f"{', reading ahead' if cpu['reads_ahead'] else ''}")
     else:
         print("CPU module : not built")
     print(f"table rows : {r['table_reader']}")

@@ -171,16 +171,21 @@ inline V power_term(V a) {
 
 // ---- reading ahead -------------------------------------------------------------------------
 
-// Both read loops ask for the lines kReadAheadBytes ahead of the block they are on, into L1.
-// On an EPYC of CPU family 23 reading 22-27 GB/s, the hardware prefetcher alone left the clamp's
-// test loop at 20-21 ms over 124M fp32 (2 threads) against 18.7 ms for a plain fp32 sum; 512 B or
-// 1 KiB ahead brought it to 17.6-18.5 ms, and the clamp with 1% outliers from 27.5 to 23.6-24.2 ms
-// (2-4 KiB ahead into L2: no better than none). On a Zen 4, prefetches 512 B-4 KiB ahead changed
-// nothing measurable.
+// Both read loops can ask for the lines kReadAheadBytes ahead of the block they are on, into
+// L1. It pays on one family and costs on another, so each ISA build holds both tables and
+// fast_kernels() picks one per CPU (see cpp/cpu/fast_kernels.cpp).
+// - EPYC of CPU family 23 (Zen, Zen 2), reading 22-27 GB/s: the hardware prefetcher alone left
+//   the clamp's test loop at 20-21 ms over 124M fp32 (2 threads) against 18.7 ms for a plain fp32
+//   sum; 512 B or 1 KiB ahead brought it to 17.6-18.5 ms, and the clamp with 1% outliers from
+//   27.5 to 23.6-24.2 ms (2-4 KiB ahead into L2: no better than none).
+// - Zen 4 (same harness, 124M fp32): the prefetches cost 7-22% on one thread (stats 22.4-23.9
+//   ms against 19.7-20.8, the clamp's test loop 22.3-23.3 against 19.9-20.2) and 6-20% on two;
+//   without them the loops read as fast as a plain fp32 sum (19.5-20.6 ms).
 constexpr std::int64_t kReadAheadBytes = 1024;
 
-template <class Fmt>
+template <class Fmt, bool kAhead>
 __attribute__((always_inline)) inline void read_ahead(const typename Fmt::storage* block) {
+  if constexpr (!kAhead) return;
   constexpr std::int64_t kBlockBytes = kBlock * sizeof(typename Fmt::storage);
   const char* p = reinterpret_cast<const char*>(block) + kReadAheadBytes;
   for (std::int64_t b = 0; b < kBlockBytes; b += 64) __builtin_prefetch(p + b, 0, 3);
@@ -204,7 +209,7 @@ constexpr int kRunBlocks = 8;
 // is exact either way.
 constexpr double kRunMin = 0x1p-40, kRunMax = 0x1p60;
 
-template <class Fmt, NormKind K>
+template <class Fmt, NormKind K, bool kAhead>
 FastStats stats(const void* data, std::int64_t n) {
   using MagVec = typename Fmt::MagVec;
   using Mag = typename Fmt::mag_t;
@@ -217,7 +222,7 @@ FastStats stats(const void* data, std::int64_t n) {
   MagVec max_mag[kV] = {};
   MagVec zeros[kV] = {};  // counts down: a true vector compare is -1
   auto block = [&](const typename Fmt::storage* p) {
-    read_ahead<Fmt>(p);
+    read_ahead<Fmt, kAhead>(p);
     MagVec m[kV];
     load_mags<Fmt>(p, m);
     for (int v = 0; v < kV; ++v) {
@@ -350,7 +355,7 @@ inline void clamp_block(typename Fmt::storage* x, typename Fmt::mag_t bound) {
 // outliers (2 threads on a 2-core Zen 4) that loop took 15.5-16.3 ms against 10.7-11.9 ms with
 // none; the two steps take 11.3-12.2 ms. AVX2 masked stores (vpmaskmovd) measured 2x slower
 // still, and storing every block back (torch's single clamp pass) is slower than both.
-template <class Fmt>
+template <class Fmt, bool kAhead>
 void clamp(void* data, std::int64_t n, std::uint64_t bound_bits) {
   using Mag = typename Fmt::mag_t;
   using Bits = typename Fmt::bits_t;
@@ -365,7 +370,7 @@ void clamp(void* data, std::int64_t n, std::uint64_t bound_bits) {
     const int blocks = static_cast<int>(n_main - g < kGroup ? (n_main - g) / kBlock : 64);
     std::uint64_t flagged = 0;
     for (int j = 0; j < blocks; ++j) {
-      read_ahead<Fmt>(group + j * kBlock);
+      read_ahead<Fmt, kAhead>(group + j * kBlock);
       flagged |= static_cast<std::uint64_t>(block_needs_clamp<Fmt>(group + j * kBlock, bound)) << j;
     }
     while (flagged != 0) {
@@ -413,31 +418,33 @@ void scale_clamp(void* data, std::int64_t n, double coef, double bound) {
 
 // ---- the table -----------------------------------------------------------------------------
 
-template <class Fmt>
+template <class Fmt, bool kAhead>
 void fill(FastKernels& t, DType d) {
   const int i = static_cast<int>(d);
-  t.stats[i][0] = &stats<Fmt, NormKind::none>;
-  t.stats[i][1] = &stats<Fmt, NormKind::l1>;
-  t.stats[i][2] = &stats<Fmt, NormKind::l2>;
-  t.clamp[i] = &clamp<Fmt>;
+  t.stats[i][0] = &stats<Fmt, NormKind::none, kAhead>;
+  t.stats[i][1] = &stats<Fmt, NormKind::l1, kAhead>;
+  t.stats[i][2] = &stats<Fmt, NormKind::l2, kAhead>;
+  t.clamp[i] = &clamp<Fmt, kAhead>;
   t.scale_clamp[i] = &scale_clamp<Fmt>;
 }
 
+template <bool kAhead>
 FastKernels make_table() {
   FastKernels t{};
   t.isa = GRADKERN_STRINGIFY(GRADKERN_ISA);
-  fill<F32Fmt>(t, DType::f32);
-  fill<F64Fmt>(t, DType::f64);
-  fill<F16Fmt>(t, DType::f16);
-  fill<BF16Fmt>(t, DType::bf16);
+  t.reads_ahead = kAhead;
+  fill<F32Fmt, kAhead>(t, DType::f32);
+  fill<F64Fmt, kAhead>(t, DType::f64);
+  fill<F16Fmt, kAhead>(t, DType::f16);
+  fill<BF16Fmt, kAhead>(t, DType::bf16);
   return t;
 }
 
 }  // namespace
 
-const FastKernels& GRADKERN_CONCAT(fast_kernels_, GRADKERN_ISA)() {
-  static const FastKernels table = make_table();
-  return table;
+const FastKernels& GRADKERN_CONCAT(fast_kernels_, GRADKERN_ISA)(bool read_ahead) {
+  static const FastKernels plain = make_table<false>(), ahead = make_table<true>();
+  return read_ahead ? ahead : plain;
 }
 
 }  // namespace gradkern

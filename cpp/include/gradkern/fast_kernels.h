@@ -35,6 +35,7 @@ constexpr bool has_fast_stats(NormKind k) {
 
 struct FastKernels {
   const char* isa;
+  bool reads_ahead;  // the read loops prefetch 1 KiB ahead (cpp/cpu/isa/fast_kernels.cpp)
   // [dtype code][kind: none, l1, l2]
   FastStats (*stats[4][3])(const void* x, std::int64_t n);
   // Clamp |x| to the dtype value whose magnitude bits are bound_bits, writing only what
@@ -44,12 +45,14 @@ struct FastKernels {
   void (*scale_clamp[4])(void* x, std::int64_t n, double coef, double bound);
 };
 
-const FastKernels& fast_kernels_baseline();
+// Each build's table with and without the read-ahead prefetches (same results either way).
+const FastKernels& fast_kernels_baseline(bool read_ahead);
 #if defined(GRADKERN_HAVE_AVX2_KERNELS)
-const FastKernels& fast_kernels_avx2();
+const FastKernels& fast_kernels_avx2(bool read_ahead);
 #endif
 
-// The best table this CPU can run (decided once).
+// The best table this CPU can run (decided once): the widest build it supports, reading ahead
+// where that was measured to pay.
 const FastKernels& fast_kernels();
 
 }  // namespace gradkern
