@@ -36,3 +36,13 @@ class NormKind(IntEnum):
 # Elements per chunk of work (``kChunkElems``): results depend on this partition, never on the
 # thread count, which makes them reproducible bit for bit.
 CHUNK_ELEMS = 1 << 16
+
+# When a pass goes parallel (``kMinParallelRanges`` and the rest): a pass over fewer work items of
+# up to CHUNK_ELEMS elements than MIN_PARALLEL_RANGES runs on the calling thread; one under
+# MIN_PARALLEL_RANGES_SHARED does too when the cores are shared, that is when the calling thread,
+# over at least SHARE_WINDOW_NS of its runnable time, waited for a core more than
+# 1/SHARED_RUN_PER_WAIT as long as it ran.
+MIN_PARALLEL_RANGES = 4
+MIN_PARALLEL_RANGES_SHARED = 512
+SHARE_WINDOW_NS = 4_000_000
+SHARED_RUN_PER_WAIT = 3

@@ -26,6 +26,10 @@ inline void export_constants(pybind11::module_& m) {
   kinds["POWER"] = static_cast<int>(NormKind::power);
   m.attr("NORM_KINDS") = kinds;
   m.attr("CHUNK_ELEMS") = gradkern::kChunkElems;
+  m.attr("MIN_PARALLEL_RANGES") = gradkern::kMinParallelRanges;
+  m.attr("MIN_PARALLEL_RANGES_SHARED") = gradkern::kMinParallelRangesShared;
+  m.attr("SHARE_WINDOW_NS") = gradkern::kShareWindowNs;
+  m.attr("SHARED_RUN_PER_WAIT") = gradkern::kSharedRunPerWait;
 }
 
 }  // namespace gradkern_py

@@ -34,6 +34,10 @@ def test_compiled_modules_agree_with_python(module):
         _constants.DTYPE_CODES
     assert dict(module.NORM_KINDS) == {k.name: int(k) for k in _constants.NormKind}
     assert module.CHUNK_ELEMS == _constants.CHUNK_ELEMS
+    assert (module.MIN_PARALLEL_RANGES, module.MIN_PARALLEL_RANGES_SHARED,
+            module.SHARE_WINDOW_NS, module.SHARED_RUN_PER_WAIT) == (
+        _constants.MIN_PARALLEL_RANGES, _constants.MIN_PARALLEL_RANGES_SHARED,
+        _constants.SHARE_WINDOW_NS, _constants.SHARED_RUN_PER_WAIT)
 
 
 @pytest.mark.parametrize("name", ["gradkern.backends._numba_kernels",

@@ -1,5 +1,6 @@
-"""Shared cores: the C++ passes notice when other processes take the cores (and then keep small
-passes on the calling thread), and give the same bits as on a quiet machine."""
+"""Shared cores: the C++ passes and the Numba backend notice when other processes take the cores
+(and then keep small passes on the calling thread), and give the same bits as on a quiet
+machine. The Numba backend reads the same statistics through its own twin of the C++ gauge."""
 
 from __future__ import annotations
 
@@ -11,15 +12,30 @@ import threading
 import time
 
 import pytest
+import torch
 
-from gradkern import _native
+import gradkern as gk
+from gradkern import _constants, _native
+from gradkern.backends import _cpu_share
 from gradkern.tools.bench_contention import busy_processes
-from helpers import required_backends
+from helpers import make_params, required_backends, use_backend
 
 cpu = _native.cpu
 if cpu is None and "cpp" in required_backends():
     pytest.fail(f"GRADKERN_REQUIRE names cpp, but {_native.CPU_ERROR}", pytrace=False)
-pytestmark = pytest.mark.skipif(cpu is None, reason="the C++ CPU module is not built")
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="read from Linux's schedstat")
+
+
+def _gauges():
+    """Each gauge as (cpu_shared, cpu_share_measurable): the C++ one where it is built, and the
+    Numba backend's twin."""
+    twin = pytest.param((_cpu_share.cpu_shared, _cpu_share.cpu_share_measurable), id="twin")
+    if cpu is None:
+        return [twin]
+    cpp = pytest.param((cpu.cpu_shared, lambda: cpu.build_info()["cpu_share_measurable"]),
+                       id="cpp")
+    return [cpp, twin]
 
 
 def _cores() -> int:
@@ -33,14 +49,14 @@ def _spin(seconds: float) -> None:
         pass
 
 
-def _verdict_after_spinning(seconds: float) -> bool:
+def _verdict_after_spinning(cpu_shared, seconds: float) -> bool:
     """cpu_shared() in a fresh thread (its own window) after it has spun for ``seconds``."""
     verdict = []
 
     def spin():
-        cpu.cpu_shared()  # a thread's first reading starts its window
+        cpu_shared()  # a thread's first reading starts its window
         _spin(seconds)
-        verdict.append(cpu.cpu_shared())
+        verdict.append(cpu_shared())
 
     thread = threading.Thread(target=spin)
     thread.start()
@@ -48,33 +64,46 @@ def _verdict_after_spinning(seconds: float) -> bool:
     return verdict[0]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="read from Linux's schedstat")
-def test_the_gauge_is_measurable_on_linux():
-    assert cpu.build_info()["cpu_share_measurable"]
+@linux_only
+@pytest.mark.parametrize("gauge", _gauges())
+def test_the_gauge_is_measurable_on_linux(gauge):
+    _, measurable = gauge
+    assert measurable()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="read from Linux's schedstat")
-def test_busy_processes_make_the_cores_shared_and_their_end_makes_them_quiet():
+@linux_only
+@pytest.mark.parametrize("gauge", _gauges())
+def test_busy_processes_make_the_cores_shared_and_their_end_makes_them_quiet(gauge):
+    cpu_shared, _ = gauge
     with busy_processes(2 * _cores()):
-        assert _verdict_after_spinning(0.25) is True
-    assert _verdict_after_spinning(0.25) is False
+        assert _verdict_after_spinning(cpu_shared, 0.25) is True
+    assert _verdict_after_spinning(cpu_shared, 0.25) is False
 
 
-# Enough small tensors that a quiet pass reduces them while it is still reading the table (over
-# 512 rows), a tensor of many chunks, a bf16 one, and a clip that scales every tensor: on shared
-# cores the table is read first and the passes run on the calling thread.
+def test_the_twin_is_false_where_the_statistics_are_missing(monkeypatch):
+    monkeypatch.setattr(_cpu_share, "_SCHEDSTAT", "/nonexistent/schedstat")
+    gauge = _cpu_share._ThreadGauge()
+    assert not gauge.measurable()
+    assert gauge.shared() is False
+
+
+# Enough small tensors that a quiet C++ pass reduces them while it is still reading the table
+# (over 512 rows), a tensor of many chunks, a bf16 one, and a clip that scales every tensor: on
+# shared cores the table is read first and the passes run on the calling thread.
 _SCRIPT = """
-import hashlib, time, torch, gradkern as gk
+import hashlib, sys, time, torch, gradkern as gk
 from gradkern import _native
+from gradkern.backends import _cpu_share
+cpu_shared = _native.cpu.cpu_shared if sys.argv[1] == "cpp" else _cpu_share.cpu_shared
 gen = torch.Generator().manual_seed(0)
 shapes = [1_000] * 700 + [2_000_003, 65_536]
 grads = [torch.randn(n, generator=gen) for n in shapes] + [torch.randn(300_001, generator=gen).bfloat16()]
 params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
-_native.cpu.cpu_shared()  # the calling thread's first reading starts its window
+cpu_shared()  # the calling thread's first reading starts its window
 end = time.perf_counter() + 0.25
 while time.perf_counter() < end:
     pass
-shared = _native.cpu.cpu_shared()
+shared = cpu_shared()
 for p, g in zip(params, grads):
     p.grad = g.clone()
 for p in (2.0, 1.0, float("inf")):
@@ -86,35 +115,119 @@ print("shared" if shared else "quiet")
 """
 
 
-def _run(threads: str, cwd) -> tuple[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "GRADKERN_BACKEND": "cpp"}
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=cwd, capture_output=True,
-                         text=True, check=True).stdout
+def _run(backend: str, threads: str, cwd) -> tuple[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "NUMBA_NUM_THREADS": threads,
+           "GRADKERN_BACKEND": backend}
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, backend], env=env, cwd=cwd,
+                         capture_output=True, text=True, check=True).stdout
     results, verdict, _ = out.rsplit("\n", 2)
     return results, verdict
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="read from Linux's schedstat")
-def test_shared_cores_give_the_bits_of_quiet_ones(tmp_path):
-    quiet, verdict = _run("2", tmp_path)
+@pytest.fixture(params=["cpp", "numba"])
+def backend(request):
+    """Each CPU backend that has a shared-cores rule (skipped where it cannot run)."""
+    yield from use_backend(request.param)
+
+
+@linux_only
+def test_shared_cores_give_the_bits_of_quiet_ones(backend, tmp_path):
+    quiet, verdict = _run(backend, "2", tmp_path)
     assert verdict == "quiet"
-    single, _ = _run("1", tmp_path)
+    single, _ = _run(backend, "1", tmp_path)
     with busy_processes(2 * _cores()):
-        shared, verdict = _run("2", tmp_path)
+        shared, verdict = _run(backend, "2", tmp_path)
     assert verdict == "shared"  # the passes above did take the shared-cores path
     assert shared == quiet == single
 
 
+class _TeamRecorder:
+    """Stands in for the Numba kernels module: notes Numba's thread count at each call."""
+
+    def __init__(self, kernels):
+        self._kernels = kernels
+        self.teams: list[int] = []
+
+    def __getattr__(self, name):
+        kernel = getattr(self._kernels, name)
+
+        def call(*args):
+            import numba
+
+            self.teams.append(numba.get_num_threads())
+            return kernel(*args)
+
+        return call
+
+
+@pytest.fixture
+def numba_teams():
+    """The Numba backend, forced, with its kernels' thread counts recorded."""
+    from gradkern.backends import backend_for
+
+    for _ in use_backend("numba"):
+        numba_backend = backend_for(torch.device("cpu"))
+        recorder = _TeamRecorder(numba_backend._kernels)
+        numba_backend._kernels = recorder
+        try:
+            yield recorder
+        finally:
+            numba_backend._kernels = recorder._kernels
+
+
+@linux_only
+def test_numba_passes_size_their_team_to_the_work_and_the_cores(numba_teams):
+    import numba
+
+    if numba.get_num_threads() < 2:
+        pytest.skip("Numba runs one thread here")
+    team = numba.get_num_threads()
+    small = make_params([(1_000,)] * 1_000)  # 16 work items: parallel only on quiet cores
+    tiny = make_params([(1_000,)] * 100)  # 2 work items: always on the calling thread
+    items = _constants.MIN_PARALLEL_RANGES_SHARED * _constants.CHUNK_ELEMS
+
+    def run_in_a_thread(shared_expected: bool):
+        """Each op once in a fresh thread that has spun first, so the twin's window is full."""
+        numba_teams.teams.clear()
+        verdict = []
+
+        def body():
+            _cpu_share.cpu_shared()
+            _spin(0.25)
+            verdict.append(_cpu_share.cpu_shared())
+            gk.get_total_norm([p.grad for p in small])
+            gk.clip_grad_norm_(small, 1e-3)
+            gk.get_total_norm([p.grad for p in tiny])
+            verdict.append(numba.get_num_threads())  # restored after each pass
+
+        thread = threading.Thread(target=body)
+        thread.start()
+        thread.join()
+        assert verdict[0] is shared_expected
+        assert verdict[1] == team
+        return list(numba_teams.teams)
+
+    from gradkern.backends.numba_cpu import runs_alone
+
+    assert run_in_a_thread(False) == [team, team, team, 1]  # stats, clip's stats and write, tiny
+    with busy_processes(2 * _cores()):
+        assert run_in_a_thread(True) == [1, 1, 1, 1]
+        assert runs_alone(items) is False  # 32M elements keep the team even then
+    assert runs_alone(items - 1) is False  # on quiet cores (this thread's window is not full)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork") or not sys.platform.startswith("linux"),
                     reason="fork and Linux's schedstat")
-def test_a_forked_child_measures_its_own_thread():
+@pytest.mark.parametrize("gauge", _gauges())
+def test_a_forked_child_measures_its_own_thread(gauge):
+    cpu_shared, _ = gauge
     # The child inherits its parent's open statistics file, which names the parent's thread:
     # the parent says "shared" and then waits for the child, so only the child's own
     # statistics can say "quiet" once it has stopped the busy processes and spun alone.
     with busy_processes(2 * _cores()) as busy:
-        cpu.cpu_shared()
+        cpu_shared()
         _spin(0.25)
-        assert cpu.cpu_shared() is True
+        assert cpu_shared() is True
         pid = os.fork()
         if pid == 0:
             code = 3
@@ -122,9 +235,9 @@ def test_a_forked_child_measures_its_own_thread():
                 for p in busy:
                     os.kill(p.pid, signal.SIGKILL)
                 time.sleep(0.1)
-                cpu.cpu_shared()
+                cpu_shared()
                 _spin(0.25)
-                code = 0 if cpu.cpu_shared() is False else 1
+                code = 0 if cpu_shared() is False else 1
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)

@@ -1,5 +1,7 @@
 #include "gradkern/cpu_share.h"
 
+#include "gradkern/constants.h"
+
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -13,10 +15,10 @@ namespace gradkern {
 namespace {
 
 #if defined(__linux__)
-// The runnable time one verdict covers. Long enough to span a scheduler slice (0.75-3 ms)
-// several times over, so one unlucky wait does not flip it; short enough that a training step
-// (tens of ms and up) always yields a fresh one.
-constexpr std::uint64_t kWindowNs = 4'000'000;
+// The runnable time one verdict covers (kShareWindowNs, gradkern/constants.h). Long enough to
+// span a scheduler slice (0.75-3 ms) several times over, so one unlucky wait does not flip it;
+// short enough that a training step (tens of ms and up) always yields a fresh one.
+constexpr std::uint64_t kWindowNs = kShareWindowNs;
 
 // One per thread: the file names the thread that opened it, and each thread has its own window.
 // A fork's child inherits the descriptor, which still names the parent's thread, so a gauge
@@ -44,7 +46,7 @@ class ThreadGauge {
     if (!read(run, wait)) return shared_;
     const std::uint64_t d_run = run - run_ns_, d_wait = wait - wait_ns_;
     if (d_run + d_wait >= kWindowNs) {
-      shared_ = 3 * d_wait > d_run;
+      shared_ = kSharedRunPerWait * d_wait > d_run;
       run_ns_ = run;
       wait_ns_ = wait;
       window_opened_ = now;

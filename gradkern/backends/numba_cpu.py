@@ -6,14 +6,46 @@ this module is loaded only when the backend is asked for.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numba
 import numpy as np
 import torch
 
+from .._chunks import chunk_plan
+from .._constants import CHUNK_ELEMS, MIN_PARALLEL_RANGES, MIN_PARALLEL_RANGES_SHARED
 from .._norms import NormSpec
 from .._table import WorkSet
-from .._chunks import chunk_plan
 from ._clip_bounds import clip_bounds
+from ._cpu_share import cpu_shared
 from .base import RawStats, empty_stats
+
+
+def runs_alone(elements: int) -> bool:
+    """Whether a pass over ``elements`` runs on the calling thread: the C++ passes' rule
+    (``gradkern/parallel.h``), with the pass counted in work items of CHUNK_ELEMS elements.
+    A pass too small to pay for waking the team runs alone, and so does one under 32M elements
+    when the cores are shared (:func:`~gradkern.backends._cpu_share.cpu_shared`), since a team
+    member the scheduler has not run holds the pass for a scheduler slice or two."""
+    items = -(-elements // CHUNK_ELEMS)
+    return items < MIN_PARALLEL_RANGES or (items < MIN_PARALLEL_RANGES_SHARED and cpu_shared())
+
+
+@contextmanager
+def _team_for(numel: np.ndarray) -> Iterator[None]:
+    """Numba's team for a pass over tensors of ``numel`` elements: the calling thread alone
+    where :func:`runs_alone` says so (Numba's thread count is the calling thread's own setting,
+    restored after). The kernels fold chunk results in a fixed order, so the bits are the same."""
+    if not runs_alone(int(numel.sum())):
+        yield
+        return
+    team = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(team)
 
 
 class NumbaBackend:
@@ -29,11 +61,12 @@ class NumbaBackend:
         data, numel, codes = ws.table()
         chunk_tensor, chunk_begin, first_chunk = chunk_plan(numel)
         out = empty_stats(ws.size)
-        self._kernels.tensor_stats(
-            data.view(np.int64), numel, codes, chunk_tensor, chunk_begin, first_chunk,
-            int(spec.kind), float(spec.p),
-            out.power_sum.numpy(), out.max_abs.numpy(), out.nonfinite.numpy(), out.zeros.numpy(),
-        )
+        with _team_for(numel):
+            self._kernels.tensor_stats(
+                data.view(np.int64), numel, codes, chunk_tensor, chunk_begin, first_chunk,
+                int(spec.kind), float(spec.p), out.power_sum.numpy(), out.max_abs.numpy(),
+                out.nonfinite.numpy(), out.zeros.numpy(),
+            )
         return out
 
     def clip_in_place(
@@ -42,7 +75,8 @@ class NumbaBackend:
         data, numel, codes = ws.table()
         chunk_tensor, chunk_begin, _ = chunk_plan(numel)
         coef_array = np.ones(1) if coef is None else coef.numpy()
-        self._kernels.clip_in_place(
-            data.view(np.int64), numel, codes, chunk_tensor, chunk_begin, coef_array,
-            clip_bounds(clip_value)[1],
-        )
+        with _team_for(numel):
+            self._kernels.clip_in_place(
+                data.view(np.int64), numel, codes, chunk_tensor, chunk_begin, coef_array,
+                clip_bounds(clip_value)[1],
+            )

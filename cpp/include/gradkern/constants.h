@@ -23,4 +23,14 @@ enum class NormKind : std::int32_t {
 // tensor sizes, never on the thread count, which is what makes results bitwise reproducible.
 constexpr std::int64_t kChunkElems = std::int64_t{1} << 16;
 
+// When a pass goes parallel. A pass over fewer work items (of up to kChunkElems elements) than
+// kMinParallelRanges runs on the calling thread; one over fewer than kMinParallelRangesShared does
+// too when the cores are shared: when the calling thread, over at least kShareWindowNs of its
+// runnable time, waited for a core more than 1/kSharedRunPerWait as long as it ran. Why these
+// values, with what was measured: gradkern/parallel.h and cpp/cpu/cpu_share.cpp.
+constexpr std::int64_t kMinParallelRanges = 4;
+constexpr std::int64_t kMinParallelRangesShared = 512;
+constexpr std::int64_t kShareWindowNs = 4'000'000;
+constexpr std::int64_t kSharedRunPerWait = 3;
+
 }  // namespace gradkern

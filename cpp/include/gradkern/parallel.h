@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <thread>
 
+#include "gradkern/constants.h"
 #include "gradkern/cpu_share.h"
 
 #ifdef GRADKERN_WITH_OPENMP
@@ -32,26 +33,24 @@ void parallel_for(std::int64_t n, const Body& body) {
   for (std::int64_t i = 0; i < n; ++i) body(i);
 }
 
-// Fewer ranges than this run on the calling thread. The callers' ranges are work items of up to
-// kChunkElems (64K) elements, so this is a pass over at most 256K elements, which one thread
-// reads (1 MiB of fp32) in tens of us. Going parallel for it costs more than that: right after
-// a torch op, torch's own OpenMP threads still spin on the same cores, and the stats of a tiny
-// model's 102 gradients (28K elements) took a mean of 334 us with threads against 139 us on the
-// calling thread, with tails of 5 ms against 1 ms for clip_grad_norm_ (2 cores, builds
-// alternated).
-constexpr std::int64_t kMinParallelRanges = 4;
-
-// When the cores are shared (cpu_shared()), fewer ranges than this run on the calling thread too:
-// 32M elements, ~10 ms on one core. A team member that is not running when the pass starts, or
-// is preempted in it, holds the whole team at its end for a scheduler slice or two. With three
-// busy processes beside the loop on 2 cores: over 1,000 x 1,000 fp32 the calling thread alone
-// took a median of 0.5-0.8 ms and a p90 of 0.8-8.7 ms, two threads 0.7-4.4 ms and 7.9-16 ms;
-// 8 x 4M (512 ranges) came out even; a total norm over GPT-2-small shapes (124M elements) took
-// 35 ms with two threads and 45-46 ms on the calling thread, as the second thread still wins the
-// process a second share of the cores. Helpers that join a pass only if they are running (no
-// barrier for late ones) did no better over 1,000 x 1,000 (median 1.1-1.4 ms): a helper
-// preempted inside its claim holds the pass just the same.
-constexpr std::int64_t kMinParallelRangesShared = 512;
+// kMinParallelRanges (gradkern/constants.h): fewer ranges run on the calling thread. The
+// callers' ranges are work items of up to kChunkElems (64K) elements, so this is a pass over at
+// most 256K elements, which one thread reads (1 MiB of fp32) in tens of us. Going parallel for
+// it costs more than that: right after a torch op, torch's own OpenMP threads still spin on the
+// same cores, and the stats of a tiny model's 102 gradients (28K elements) took a mean of 334 us
+// with threads against 139 us on the calling thread, with tails of 5 ms against 1 ms for
+// clip_grad_norm_ (2 cores, builds alternated).
+//
+// kMinParallelRangesShared: when the cores are shared (cpu_shared()), fewer ranges run on the
+// calling thread too: 32M elements, ~10 ms on one core. A team member that is not running when
+// the pass starts, or is preempted in it, holds the whole team at its end for a scheduler slice
+// or two. With three busy processes beside the loop on 2 cores: over 1,000 x 1,000 fp32 the
+// calling thread alone took a median of 0.5-0.8 ms and a p90 of 0.8-8.7 ms, two threads 0.7-4.4
+// ms and 7.9-16 ms; 8 x 4M (512 ranges) came out even; a total norm over GPT-2-small shapes
+// (124M elements) took 33-35 ms with two threads and 40-46 ms on the calling thread, as the
+// second thread still wins the process a second share of the cores. Helpers that join a pass
+// only if they are running (no barrier for late ones) did no better over 1,000 x 1,000 (median
+// 1.1-1.4 ms): a helper preempted inside its claim holds the pass just the same.
 
 // Calls body(i) for every i in [bounds[k], bounds[k + 1]) for each of the n_ranges ranges. A range
 // runs in order on one thread; ranges are handed out dynamically. Grouping many tiny items into
