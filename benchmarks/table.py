@@ -3,7 +3,7 @@ and command, then the rows that time gradkern against torch, in plain columns, a
 contention rows (median and 90th percentile of single calls with busy processes beside the
 loop) where the run has them.
 
-    python benchmarks/table.py benchmarks/results/cpu-2core-2026-12-07b-after3.json
+    python benchmarks/table.py benchmarks/results/cpu-2core-2026-12-07c-after3.json
 
 Rows that compare gradkern with itself (grad_stats against gradkern's total norm, Numba against
 C++, the clip-by-value ceiling), with a goal rather than torch (the fused step's goal rows), and
