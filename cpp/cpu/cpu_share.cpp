@@ -1,7 +1,5 @@
 #include "gradkern/cpu_share.h"
 
-#include "gradkern/constants.h"
-
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -10,6 +8,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 #endif
+
+#include "gradkern/constants.h"
 
 namespace gradkern {
 namespace {
