@@ -142,11 +142,13 @@ def test_shared_cores_give_the_bits_of_quiet_ones(backend, tmp_path):
 
 
 class _TeamRecorder:
-    """Stands in for the Numba kernels module: notes Numba's thread count at each call."""
+    """Stands in for the Numba kernels module: notes, at each call, Numba's thread count and
+    the verdict the pass was sized by (the twin's verdict stands for at least 4 ms, so asking
+    again right after the pass asked gives the same answer)."""
 
     def __init__(self, kernels):
         self._kernels = kernels
-        self.teams: list[int] = []
+        self.calls: list[tuple[int, bool]] = []
 
     def __getattr__(self, name):
         kernel = getattr(self._kernels, name)
@@ -154,15 +156,15 @@ class _TeamRecorder:
         def call(*args):
             import numba
 
-            self.teams.append(numba.get_num_threads())
+            self.calls.append((numba.get_num_threads(), _cpu_share.cpu_shared()))
             return kernel(*args)
 
         return call
 
 
 @pytest.fixture
-def numba_teams():
-    """The Numba backend, forced, with its kernels' thread counts recorded."""
+def numba_calls():
+    """The Numba backend, forced, with its kernels' calls recorded."""
     from gradkern.backends import backend_for
 
     for _ in use_backend("numba"):
@@ -176,43 +178,49 @@ def numba_teams():
 
 
 @linux_only
-def test_numba_passes_size_their_team_to_the_work_and_the_cores(numba_teams):
+def test_numba_passes_size_their_team_to_the_work_and_the_cores(numba_calls):
     import numba
+
+    from gradkern.backends.numba_cpu import runs_alone
 
     if numba.get_num_threads() < 2:
         pytest.skip("Numba runs one thread here")
     team = numba.get_num_threads()
     small = make_params([(1_000,)] * 1_000)  # 16 work items: parallel only on quiet cores
     tiny = make_params([(1_000,)] * 100)  # 2 work items: always on the calling thread
-    items = _constants.MIN_PARALLEL_RANGES_SHARED * _constants.CHUNK_ELEMS
 
-    def run_in_a_thread(shared_expected: bool):
-        """Each op once in a fresh thread that has spun first, so the twin's window is full."""
-        numba_teams.teams.clear()
-        verdict = []
+    def run_in_a_thread(shared_expected: bool) -> None:
+        """Each op once in a fresh thread that has spun first, so the twin's window is full:
+        the first pass is sized by that verdict, and each later one by the verdict of its
+        moment (which a window closing in between may have turned)."""
+        numba_calls.calls.clear()
+        seen = []
 
         def body():
             _cpu_share.cpu_shared()
             _spin(0.25)
-            verdict.append(_cpu_share.cpu_shared())
+            seen.append(_cpu_share.cpu_shared())
             gk.get_total_norm([p.grad for p in small])
-            gk.clip_grad_norm_(small, 1e-3)
+            gk.clip_grad_norm_(small, 1e-3)  # two passes: the stats, then the write
             gk.get_total_norm([p.grad for p in tiny])
-            verdict.append(numba.get_num_threads())  # restored after each pass
+            seen.append(numba.get_num_threads())  # restored after each pass
 
         thread = threading.Thread(target=body)
         thread.start()
         thread.join()
-        assert verdict[0] is shared_expected
-        assert verdict[1] == team
-        return list(numba_teams.teams)
+        assert seen == [shared_expected, team]
+        calls = numba_calls.calls
+        assert len(calls) == 4
+        assert calls[0] == (1 if shared_expected else team, shared_expected)
+        for threads, shared in calls[:3]:
+            assert threads == (1 if shared else team)
+        assert calls[3][0] == 1  # too small for a team either way
 
-    from gradkern.backends.numba_cpu import runs_alone
-
-    assert run_in_a_thread(False) == [team, team, team, 1]  # stats, clip's stats and write, tiny
+    run_in_a_thread(False)
     with busy_processes(2 * _cores()):
-        assert run_in_a_thread(True) == [1, 1, 1, 1]
-        assert runs_alone(items) is False  # 32M elements keep the team even then
+        run_in_a_thread(True)
+        # 32M elements keep the team even then
+        assert runs_alone(_constants.MIN_PARALLEL_RANGES_SHARED * _constants.CHUNK_ELEMS) is False
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or not sys.platform.startswith("linux"),
