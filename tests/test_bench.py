@@ -85,11 +85,13 @@ def test_cpu_targets_read_each_row_the_way_round_its_target_names():
                         dict(op="training step + hooks", inside_ms=44.0)],
         "contention_rows": [
             dict(op="total norm", scenario=targets.SMALL, busy=3, torch_median_ms=3.0,
-                 torch_p90_ms=10.0, gradkern_median_ms=0.5, gradkern_p90_ms=6.0),
+                 torch_p90_ms=10.0, gradkern_median_ms=0.5, gradkern_p90_ms=6.0,
+                 read_median_ms=0.25, read_p90_ms=4.0),
             # another number of busy processes is not the target's
             dict(op="total norm", scenario=gpt2, busy=1, torch_median_ms=50.0,
                  torch_p90_ms=60.0, gradkern_median_ms=5.0, gradkern_p90_ms=6.0)]}
-    lines = {line[:58].strip(): line[58:] for line in targets.report([run])}
+    report = targets.report([run])
+    lines = {line[:58].strip(): line[58:] for line in report}
     assert lines["total norm, 10,000 x 1,000, >= 10x"].split() == ["9.90x", "met", "in", "0", "of", "1"]
     assert "12.00x   met in 1 of 1" in lines["clip_grad_norm_, 10,000 x 1,000, >= 10x"]
     assert "2.50x   met in 1 of 1" in lines["clip_grad_value_, GPT-2, < 1% clamped, >= 2.5x"]
@@ -102,6 +104,12 @@ def test_cpu_targets_read_each_row_the_way_round_its_target_names():
     assert "6.00x   met in 1 of 1" in lines["3 busy: total norm, 1,000 x 1,000, median >= 5x"]
     assert "1.67x   met in 0 of 1" in lines["3 busy: total norm, 1,000 x 1,000, p90 >= 2x"]
     assert lines["3 busy: total norm, GPT-2, median >= 5x"].split()[0] == "-"
+    # each contention line is followed by torch over the read pass of the same row
+    after = {report[i - 1][:58].strip(): report[i][58:].split() for i in range(1, len(report))
+             if report[i].strip().startswith("within reach")}
+    assert after["3 busy: total norm, 1,000 x 1,000, median >= 5x"] == ["12.00x"]
+    assert after["3 busy: total norm, 1,000 x 1,000, p90 >= 2x"] == ["2.50x"]
+    assert after["3 busy: total norm, GPT-2, median >= 5x"] == ["-"]
     # a run without a row shows "-" and does not count
     assert lines["clip_grad_norm_, GPT-2, clipping, >= 1.0x"].split() == ["-", "met", "in", "0", "of", "0"]
 
@@ -130,3 +138,4 @@ def test_contention_scenario_starts_and_stops_its_busy_processes(monkeypatch):
         assert r["busy"] == 1 and r["calls"] == 5
         assert 0 < r["gradkern_median_ms"] <= r["gradkern_p90_ms"]
         assert 0 < r["torch_median_ms"] <= r["torch_p90_ms"]
+        assert 0 < r["read_median_ms"] <= r["read_p90_ms"]
