@@ -6,8 +6,8 @@ prints one line per target: its value in each run, and in how many runs it was m
 has the ``clip_grad_value_, nothing clamped`` row, the clip-by-value line also
 gives that run's ceiling: torch's time over a gradkern pass that reads every value and writes
 none, the largest speed-up any one-read-pass clip could show in that run. Each contention line
-is followed by the speed-up within reach in that run: torch's time over one read pass of the
-set's bytes by torch, timed in the same turns under the same load.
+is followed by the speed-up within reach in that run: torch's time over torch summing a flat
+buffer of the set's size, timed in the same turns under the same load.
 """
 
 from __future__ import annotations

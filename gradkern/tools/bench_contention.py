@@ -9,9 +9,9 @@ many small tensors and on GPT-2-small shapes. A single call's time is what a tra
 pays, so the tail matters as much as the median.
 
 A third contender takes the same turns: torch summing one flat fp32 buffer of the set's size,
-the cheapest pass that reads as many bytes (one parallel region, no per-tensor work). torch's
-time over it is the speed-up within reach under that load: over GPT-2-small shapes, where the op
-is one long read, a ceiling no implementation passes by much. (Summing the gradients tensor by
+the cheapest pass over as many bytes that was measured under this load (one parallel region, no
+per-tensor work; benchmarks/NOTES.md). torch's time over it is the speed-up within reach: over
+GPT-2-small shapes, where the op is one long read, a ceiling no implementation passes by much. (Summing the gradients tensor by
 tensor is no floor here: each of torch's calls waits at its own region's end for a team member
 the scheduler may not be running.)
 """
