@@ -57,6 +57,17 @@ void py_tensor_stats(const Array<std::uint64_t>& data, const Array<std::int64_t>
   tensor_stats(table, static_cast<NormKind>(kind), p, out);
 }
 
+// The number of work items the chunk plan packs tensors of these sizes into: what the passes
+// count when they decide whether a team is worth waking (gradkern/parallel.h), and what the
+// Numba fallback counts too (its twin is tested against this).
+std::int64_t py_work_items(const Array<std::int64_t>& numel) {
+  for (std::int64_t t = 0; t < static_cast<std::int64_t>(numel.size()); ++t) {
+    if (numel.data()[t] < 0) throw std::invalid_argument("negative element count");
+  }
+  const TensorTable table{nullptr, numel.data(), nullptr, static_cast<std::int64_t>(numel.size())};
+  return plan_chunks(table).n_items();
+}
+
 void py_clip_in_place(const Array<std::uint64_t>& data, const Array<std::int64_t>& numel,
                       const Array<std::int8_t>& dtype, py::object coef, double clip_value) {
   const TensorTable table = make_table(data, numel, dtype);
@@ -196,6 +207,8 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("clip_in_place", &py_clip_in_place, py::arg("data"), py::arg("numel"), py::arg("dtype"),
         py::arg("coef"), py::arg("clip_value"),
         "Scale each tensor by its coefficient when < 1, then clamp to +-clip_value.");
+  m.def("work_items", &py_work_items, py::arg("numel"),
+        "How many work items the chunk plan packs tensors of these element counts into.");
   using gradkern_py::TorchLayout;
   py::class_<TorchLayout>(m, "TorchLayout",
                           "Where torch keeps a tensor's metadata (see gradkern/_torch_layout.py).")

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,7 +221,43 @@ def test_numba_passes_size_their_team_to_the_work_and_the_cores(numba_calls):
     with busy_processes(2 * _cores()):
         run_in_a_thread(True)
         # 32M elements keep the team even then
-        assert runs_alone(_constants.MIN_PARALLEL_RANGES_SHARED * _constants.CHUNK_ELEMS) is False
+        one_large = np.array([_constants.MIN_PARALLEL_RANGES_SHARED * _constants.CHUNK_ELEMS])
+        assert runs_alone(one_large) is False
+
+
+def _work_item_cases():
+    """Element counts around the packing's edges, and random sets of every kind of tensor."""
+    chunk = _constants.CHUNK_ELEMS
+    cases = [[], [0], [0, 0], [1], [chunk], [chunk + 1], [chunk - 1, 1], [chunk - 1, 2],
+             [chunk // 2] * 3, [chunk // 2 + 1] * 3, [1000] * 65, [1000] * 66, [1000] * 1000,
+             [3 * chunk, 5, chunk - 5, 0, 7 * chunk + 3, 1], [40_000] * 800]
+    rng = np.random.default_rng(7)
+    for high in (10, 2_000, chunk, 3 * chunk, 50 * chunk):
+        for _ in range(20):
+            cases.append(list(rng.integers(0, high, size=rng.integers(0, 300))))
+    return [np.array(c, dtype=np.int64) for c in cases]
+
+
+@pytest.mark.skipif(cpu is None, reason="the C++ plan is the reference")
+def test_numba_counts_the_work_items_of_the_cpp_chunk_plan(monkeypatch):
+    for _ in use_backend("numba"):
+        from gradkern.backends import numba_cpu
+        from gradkern.backends._numba_kernels import work_items
+
+        for numel in _work_item_cases():
+            assert work_items(numel) == cpu.work_items(numel), numel.tolist()
+        # Tensors just over half a chunk fill an item each, as in the C++ plan, so a pass over
+        # as many of them as a threshold's items keeps the team, though they hold fewer whole
+        # chunks' worth of elements.
+        half = _constants.CHUNK_ELEMS // 2 + 1
+        for shared, threshold in ((False, _constants.MIN_PARALLEL_RANGES),
+                                  (True, _constants.MIN_PARALLEL_RANGES_SHARED)):
+            monkeypatch.setattr(numba_cpu, "cpu_shared", lambda shared=shared: shared)
+            assert numba_cpu.runs_alone(np.full(threshold, half)) is False
+            assert numba_cpu.runs_alone(np.full(threshold - 1, half)) is True
+    assert cpu.work_items(np.array([1000] * 1000)) == 16  # 65 tensors of 1,000 to an item
+    with pytest.raises(ValueError, match="negative"):
+        cpu.work_items(np.array([5, -1]))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or not sys.platform.startswith("linux"),

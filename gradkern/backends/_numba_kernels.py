@@ -1,5 +1,5 @@
-"""Numba twins of cpp/cpu/tensor_stats.cpp, cpp/cpu/isa/fast_kernels.cpp and
-cpp/cpu/clip_in_place.cpp.
+"""Numba twins of cpp/cpu/tensor_stats.cpp, cpp/cpu/isa/fast_kernels.cpp,
+cpp/cpu/clip_in_place.cpp and the work-item count of cpp/cpu/chunk_plan.cpp.
 
 Same chunk plan and fp64 partials as the C++ kernels, chunks folded in order, so results do
 not depend on the thread count. As in C++, the common kinds (p = 1, 2, inf, 0) of finite
@@ -242,6 +242,26 @@ def _reduce_chunk(address, code, n, kind, p):
             return s, mx, 0, zeros, False
     tbl = HALF_TABLE if code == F16 else BF16_TABLE
     return _reduce(x16, tbl, kind, p, np.float32(3.4028234663852886e38))
+
+
+@njit(cache=True)
+def work_items(numels):
+    """How many work items the C++ chunk plan packs these tensors into: their chunks in order,
+    a new item wherever the next chunk would take the current one past CHUNK_ELEMS elements
+    (so a full chunk is an item of its own, and tiny tensors share one). The passes count
+    these to decide whether a team is worth waking (``numba_cpu.runs_alone``)."""
+    items = 0
+    in_item = 0
+    for t in range(numels.size):
+        left = numels[t]
+        while left > 0:
+            n = min(left, CHUNK_ELEMS)
+            if in_item > 0 and in_item + n > CHUNK_ELEMS:
+                items += 1
+                in_item = 0
+            in_item += n
+            left -= n
+    return items + 1 if in_item > 0 else items
 
 
 @njit(parallel=True, cache=True)

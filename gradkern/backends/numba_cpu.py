@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .._chunks import chunk_plan
-from .._constants import CHUNK_ELEMS, MIN_PARALLEL_RANGES, MIN_PARALLEL_RANGES_SHARED
+from .._constants import MIN_PARALLEL_RANGES, MIN_PARALLEL_RANGES_SHARED
 from .._norms import NormSpec
 from .._table import WorkSet
 from ._clip_bounds import clip_bounds
@@ -22,13 +22,16 @@ from ._cpu_share import cpu_shared
 from .base import RawStats, empty_stats
 
 
-def runs_alone(elements: int) -> bool:
-    """Whether a pass over ``elements`` runs on the calling thread: the C++ passes' rule
-    (``gradkern/parallel.h``), with the pass counted in work items of CHUNK_ELEMS elements.
-    A pass too small to pay for waking the team runs alone, and so does one under 32M elements
-    when the cores are shared (:func:`~gradkern.backends._cpu_share.cpu_shared`), since a team
-    member the scheduler has not run holds the pass for a scheduler slice or two."""
-    items = -(-elements // CHUNK_ELEMS)
+def runs_alone(numel: np.ndarray) -> bool:
+    """Whether a pass over tensors of ``numel`` elements (int64) runs on the calling thread: the
+    C++ passes' rule (``gradkern/parallel.h``), counting the work items the C++ chunk plan packs
+    them into (``_numba_kernels.work_items``). A pass too small to pay for waking the team runs
+    alone, and so does one under MIN_PARALLEL_RANGES_SHARED items (32M elements of large
+    tensors) when the cores are shared (:func:`~gradkern.backends._cpu_share.cpu_shared`),
+    since a team member the scheduler has not run holds the pass for a scheduler slice or two."""
+    from ._numba_kernels import work_items
+
+    items = work_items(numel)
     return items < MIN_PARALLEL_RANGES or (items < MIN_PARALLEL_RANGES_SHARED and cpu_shared())
 
 
@@ -37,7 +40,7 @@ def _team_for(numel: np.ndarray) -> Iterator[None]:
     """Numba's team for a pass over tensors of ``numel`` elements: the calling thread alone
     where :func:`runs_alone` says so (Numba's thread count is the calling thread's own setting,
     restored after). The kernels fold chunk results in a fixed order, so the bits are the same."""
-    if not runs_alone(int(numel.sum())):
+    if not runs_alone(numel):
         yield
         return
     team = numba.get_num_threads()
