@@ -48,7 +48,8 @@ def markdown(run: dict, hardware: str | None = None, path: str | None = None) ->
     contended = run.get("contention_rows", [])
     if contended:
         with_read = all("read_median_ms" in row for row in contended)
-        lines += ["", f"With {contended[0]['busy']} busy processes beside the loop "
+        busy = contended[0]["busy"]
+        lines += ["", f"With {busy} busy process{'es' if busy != 1 else ''} beside the loop "
                   f"({contended[0]['calls']} single calls each, a 256 x 256 matmul before every "
                   "call): median / 90th percentile"
                   + ("; read pass: torch summing a flat buffer of the set's size in the same "

@@ -96,7 +96,8 @@ def contention_times(n_busy: int = 3, calls: int = 60) -> list[dict]:
 def print_rows(rows: list[dict]) -> None:
     if not rows:
         return
-    print(f"\ncontention: {rows[0]['busy']} busy processes beside the loop, "
+    busy = rows[0]["busy"]
+    print(f"\ncontention: {busy} busy process{'es' if busy != 1 else ''} beside the loop, "
           f"{rows[0]['calls']} calls each, a 256x256 matmul before every call; read: one read "
           "pass over a flat buffer of the set's size (a torch sum), taking the same turns; within "
           "reach: torch / read")
