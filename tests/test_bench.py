@@ -139,3 +139,14 @@ def test_contention_scenario_starts_and_stops_its_busy_processes(monkeypatch):
         assert 0 < r["gradkern_median_ms"] <= r["gradkern_p90_ms"]
         assert 0 < r["torch_median_ms"] <= r["torch_p90_ms"]
         assert 0 < r["read_median_ms"] <= r["read_p90_ms"]
+
+
+def test_device_name_names_the_gpu(monkeypatch):
+    from gradkern.tools.bench import device_name
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: asked.append(d) or "H100")
+    assert device_name("cuda") == "H100" and asked == [torch.device("cuda")]
+    assert device_name("cpu") not in ("", "H100")
+

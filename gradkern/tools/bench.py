@@ -267,7 +267,7 @@ def _fused_step_rows(row, device: str, repeats: int, quick: bool) -> None:
 
 def device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.getdevice_name(torch.device(device))
+        return torch.cuda.get_device_name(torch.device(device))
     import platform
 
     return platform.processor() or platform.machine()
