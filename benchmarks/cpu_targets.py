@@ -7,7 +7,11 @@ has the ``clip_grad_value_, nothing clamped`` row, the clip-by-value line also
 gives that run's ceiling: torch's time over a gradkern pass that reads every value and writes
 none, the largest speed-up any one-read-pass clip could show in that run. Each contention line
 is followed by the speed-up within reach in that run: torch's time over torch summing a flat
-buffer of the set's size, timed in the same turns under the same load.
+buffer of the set's size, timed in the same turns under the same load. Where a run recorded
+which calls lost their core mid-call (a busy process took it), a median line also gives the
+share of torch's calls that did and the speed-up over the calls that kept it, and a p90 line
+the share of gradkern's calls that did: those shares, not the kernels, move these lines between
+runs.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ class Target:
     read: Callable[[dict], float | None]  # the run's value, None where the run lacks the row
     met: Callable[[float], bool]
     unit: str  # how the value prints: "x" speed-up, "%" share, "t" time ratio
-    ceiling: Callable[[dict], float | None] | None = None  # printed on a line of its own
-    ceiling_name: str = "  its ceiling (torch / gradkern reading, writing nothing)"
+    # What explains the value, each printed on a line of its own under it: (name, read, unit)
+    context: tuple[tuple[str, Callable[[dict], float | None], str], ...] = ()
 
 
 def _row(run: dict, op: str, scenario: str | None = None) -> list[dict]:
@@ -74,16 +78,50 @@ def _monitor_vs_hooks(run: dict) -> float | None:
     return inside["training step + hooks"] / inside["training step + gradkern"]
 
 
+def _contention_row(run: dict, op: str, scenario: str, *keys: str) -> dict | None:
+    """The contention row with 3 busy processes for ``op`` on ``scenario``, if it has ``keys``
+    (older runs lack the newer columns) and none of them is None."""
+    for r in run.get("contention_rows", []):
+        if (r["op"] == op and r["scenario"] == scenario and r["busy"] == 3
+                and all(r.get(k) is not None for k in keys)):
+            return r
+    return None
+
+
 def _contended(op: str, scenario: str, stat: str,
                over: str = "gradkern") -> Callable[[dict], float | None]:
     """torch's time over ``over``'s (gradkern, or the read pass) in a contention row with 3
-    busy processes: ``stat`` is "median" or "p90". None where the run lacks it."""
+    busy processes: ``stat`` is "median", "p90" or "kept_median" (the median of the calls that
+    kept their core). None where the run lacks it."""
     def read(run: dict) -> float | None:
-        rows = [r for r in run.get("contention_rows", [])
-                if r["op"] == op and r["scenario"] == scenario and r["busy"] == 3
-                and f"{over}_{stat}_ms" in r]
-        return rows[0][f"torch_{stat}_ms"] / rows[0][f"{over}_{stat}_ms"] if rows else None
+        r = _contention_row(run, op, scenario, f"torch_{stat}_ms", f"{over}_{stat}_ms")
+        return None if r is None else r[f"torch_{stat}_ms"] / r[f"{over}_{stat}_ms"]
     return read
+
+
+def _lost_core(op: str, scenario: str, who: str) -> Callable[[dict], float | None]:
+    """The share of ``who``'s calls that lost the core mid-call, in that contention row."""
+    def read(run: dict) -> float | None:
+        r = _contention_row(run, op, scenario, f"{who}_lost_core")
+        return None if r is None else r[f"{who}_lost_core"]
+    return read
+
+
+def _contention_context(op: str, scenario: str, stat: str) -> tuple:
+    """Under a contention target: the speed-up within reach, then what the statistic rests on.
+    A median is torch's fast or slow time by whether more than half its calls lost the core, so
+    it comes with that share and with the speed-up of the calls that kept it; a p90 is
+    gradkern's slow time once more than a tenth of its calls lost it."""
+    within = ("  within reach (torch / one read pass, same load)",
+              _contended(op, scenario, stat, over="read"), "x")
+    if stat == "median":
+        return (within,
+                ("  torch's calls that lost the core mid-call", _lost_core(op, scenario, "torch"), "%"),
+                ("  calls that kept the core (torch / gradkern medians)",
+                 _contended(op, scenario, "kept_median"), "x"))
+    return (within,
+            ("  gradkern's calls that lost the core mid-call",
+             _lost_core(op, scenario, "gradkern"), "%"))
 
 
 SMALL = "many-small 1,000 x 1,000"
@@ -100,7 +138,8 @@ TARGETS = [
            _speedup("clip_grad_norm_, clipping", GPT2), lambda v: v >= 1.0, "x"),
     Target("clip_grad_value_, GPT-2, < 1% clamped, >= 2.5x",
            _speedup("clip_grad_value_, <1% clamped", GPT2), lambda v: v >= 2.5, "x",
-           ceiling=_speedup("clip_grad_value_, nothing clamped", GPT2)),
+           context=(("  its ceiling (torch / gradkern reading, writing nothing)",
+                     _speedup("clip_grad_value_, nothing clamped", GPT2), "x"),)),
     Target("grad_stats vs total norm alone, <= 1.15x the time", _stats_time_ratio,
            lambda v: v <= 1.15, "t"),
     Target("grad_stats vs per-tensor torch calls, >= 5x", _stats_vs_per_tensor,
@@ -113,8 +152,7 @@ TARGETS = [
 ] + [
     Target(f"3 busy: {op.split(',')[0]}, {short}, {stat} >= {bound:g}x",
            _contended(op, scenario, stat), lambda v, bound=bound: v >= bound, "x",
-           ceiling=_contended(op, scenario, stat, over="read"),
-           ceiling_name="  within reach (torch / one read pass, same load)")
+           context=_contention_context(op, scenario, stat))
     for scenario, short in ((SMALL, "1,000 x 1,000"), (GPT2, "GPT-2"))
     for op in CONTENDED_OPS
     for stat, bound in (("median", 5.0), ("p90", 2.0))
@@ -137,10 +175,9 @@ def report(runs: list[dict]) -> list[str]:
         met = sum(target.met(v) for v in present)
         lines.append(f"{target.name:58s} {' '.join(f'{_fmt(v, target.unit):>7s}' for v in values)}"
                      f"   met in {met} of {len(present)}")
-        if target.ceiling is not None:
-            ceilings = [target.ceiling(run) for run in runs]
-            lines.append(f"{target.ceiling_name:58s} "
-                         f"{' '.join(f'{_fmt(v, target.unit):>7s}' for v in ceilings)}")
+        for name, read, unit in target.context:
+            lines.append(f"{name:58s} "
+                         f"{' '.join(f'{_fmt(read(run), unit):>7s}' for run in runs)}")
     return lines
 
 

@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from gradkern.backends._cpu_share import thread_times
 from gradkern.tools.bench import LimitPasses
 from gradkern.tools.scenarios import make_grads, scenarios
 
@@ -86,7 +87,13 @@ def test_cpu_targets_read_each_row_the_way_round_its_target_names():
         "contention_rows": [
             dict(op="total norm", scenario=targets.SMALL, busy=3, torch_median_ms=3.0,
                  torch_p90_ms=10.0, gradkern_median_ms=0.5, gradkern_p90_ms=6.0,
-                 read_median_ms=0.25, read_p90_ms=4.0),
+                 read_median_ms=0.25, read_p90_ms=4.0, torch_lost_core=0.45,
+                 gradkern_lost_core=0.15, torch_kept_median_ms=2.8,
+                 gradkern_kept_median_ms=0.7),
+            # a run from before the lost-core columns, or where they could not be read
+            dict(op="clip_grad_norm_, no clipping", scenario=targets.SMALL, busy=3,
+                 torch_median_ms=9.0, torch_p90_ms=12.0, gradkern_median_ms=1.0,
+                 gradkern_p90_ms=1.5, read_median_ms=0.2, read_p90_ms=0.3),
             # another number of busy processes is not the target's
             dict(op="total norm", scenario=gpt2, busy=1, torch_median_ms=50.0,
                  torch_p90_ms=60.0, gradkern_median_ms=5.0, gradkern_p90_ms=6.0)]}
@@ -110,6 +117,22 @@ def test_cpu_targets_read_each_row_the_way_round_its_target_names():
     assert after["3 busy: total norm, 1,000 x 1,000, median >= 5x"] == ["12.00x"]
     assert after["3 busy: total norm, 1,000 x 1,000, p90 >= 2x"] == ["2.50x"]
     assert after["3 busy: total norm, GPT-2, median >= 5x"] == ["-"]
+    # then what the statistic rests on: for a median, the share of torch's calls that lost the
+    # core and the speed-up over the calls that kept it; for a p90, gradkern's share
+    under = {}
+    for i, line in enumerate(report):
+        if not line.startswith(" "):
+            target = line[:58].strip()
+        else:
+            under.setdefault(target, []).append((line[:58].strip(), line[58:].split()))
+    assert under["3 busy: total norm, 1,000 x 1,000, median >= 5x"][1:] == [
+        ("torch's calls that lost the core mid-call", ["45%"]),
+        ("calls that kept the core (torch / gradkern medians)", ["4.00x"])]
+    assert under["3 busy: total norm, 1,000 x 1,000, p90 >= 2x"][1:] == [
+        ("gradkern's calls that lost the core mid-call", ["15%"])]
+    assert under["3 busy: clip_grad_norm_, 1,000 x 1,000, median >= 5x"][1:] == [
+        ("torch's calls that lost the core mid-call", ["-"]),
+        ("calls that kept the core (torch / gradkern medians)", ["-"])]
     # a run without a row shows "-" and does not count
     assert lines["clip_grad_norm_, GPT-2, clipping, >= 1.0x"].split() == ["-", "met", "in", "0", "of", "0"]
 
@@ -139,6 +162,26 @@ def test_contention_scenario_starts_and_stops_its_busy_processes(monkeypatch):
         assert 0 < r["gradkern_median_ms"] <= r["gradkern_p90_ms"]
         assert 0 < r["torch_median_ms"] <= r["torch_p90_ms"]
         assert 0 < r["read_median_ms"] <= r["read_p90_ms"]
+        if thread_times() is not None:  # Linux: which calls lost the core is known
+            for who in ("torch", "gradkern", "read"):
+                assert 0.0 <= r[f"{who}_lost_core"] <= 1.0
+                kept = r[f"{who}_kept_median_ms"]
+                assert (kept is None) == (r[f"{who}_lost_core"] == 1.0)
+
+
+def test_contention_summary_splits_the_calls_that_lost_the_core():
+    from gradkern.tools.bench_contention import LOST_CORE_MS, _summary
+
+    # (wall ms, ms the calling thread waited for a core during the call)
+    calls = [(1.0, 0.0), (9.0, 8.0), (1.2, LOST_CORE_MS / 2), (7.5, LOST_CORE_MS), (1.1, 0.0)]
+    row = _summary("gradkern", calls)
+    assert row["gradkern_median_ms"] == 1.2 and row["gradkern_p90_ms"] == 9.0
+    assert row["gradkern_lost_core"] == 2 / 5
+    assert row["gradkern_kept_median_ms"] == 1.1
+    # every call lost the core: no kept median
+    assert _summary("torch", [(9.0, 8.0), (8.0, 7.0)])["torch_kept_median_ms"] is None
+    # where the waits could not be read, only the times
+    assert set(_summary("read", [(1.0, None), (2.0, None)])) == {"read_median_ms", "read_p90_ms"}
 
 
 def test_device_name_names_the_gpu(monkeypatch):
@@ -150,3 +193,21 @@ def test_device_name_names_the_gpu(monkeypatch):
     assert device_name("cuda") == "H100" and asked == [torch.device("cuda")]
     assert device_name("cpu") not in ("", "H100")
 
+
+def test_contention_rows_alone_are_saved_as_a_bench_run(monkeypatch, tmp_path, capsys):
+    import json
+
+    from gradkern.tools import bench_contention
+
+    monkeypatch.setattr(bench_contention, "SETS",
+                        {"small": lambda: [((100,), torch.float32)] * 50})
+    path = tmp_path / "run.json"
+    assert bench_contention.main(["1", "--json", str(path)]) == 0
+    run = json.loads(path.read_text())
+    assert run["rows"] == [] and run["command"].endswith("bench_contention 1")
+    assert [r["busy"] for r in run["contention_rows"]] == [1, 1]
+    assert "contention: 1 busy process beside the loop" in capsys.readouterr().out
+    targets = _load_cpu_targets()
+    # its rows are not the targets' (one busy process): every target reads "-"
+    assert all(line.endswith("-   met in 0 of 0")
+               for line in targets.report([run]) if "met in" in line)

@@ -86,6 +86,32 @@ def test_the_twin_is_false_where_the_statistics_are_missing(monkeypatch):
     gauge = _cpu_share._ThreadGauge()
     assert not gauge.measurable()
     assert gauge.shared() is False
+    assert gauge.times() is None
+
+
+def _times_around_spinning(seconds: float) -> tuple[tuple[int, int], tuple[int, int]]:
+    """thread_times() in a fresh thread before and after it spins for ``seconds``."""
+    readings = []
+
+    def spin():
+        readings.append(_cpu_share.thread_times())
+        _spin(seconds)
+        readings.append(_cpu_share.thread_times())
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    thread.join()
+    return readings[0], readings[1]
+
+
+@linux_only
+def test_thread_times_see_a_thread_lose_its_core():
+    # quiet: the spin ran on a core; with busy processes beside it, it also waited for one
+    (run0, _), (run1, _) = _times_around_spinning(0.2)
+    assert run1 - run0 >= 0.1e9
+    with busy_processes(2 * _cores()):
+        (run0, wait0), (run1, wait1) = _times_around_spinning(0.3)
+    assert run1 > run0 and wait1 - wait0 >= 0.05e9
 
 
 # Enough small tensors that a quiet C++ pass reduces them while it is still reading the table

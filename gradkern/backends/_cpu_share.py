@@ -22,7 +22,7 @@ import time
 
 from .._constants import SHARE_WINDOW_NS, SHARED_RUN_PER_WAIT
 
-__all__ = ["cpu_shared", "cpu_share_measurable"]
+__all__ = ["cpu_shared", "cpu_share_measurable", "thread_times"]
 
 _SCHEDSTAT = "/proc/thread-self/schedstat"
 
@@ -71,10 +71,17 @@ class _ThreadGauge:
     def measurable(self) -> bool:
         return self.fd >= 0 and self.pid == os.getpid()
 
-    def shared(self) -> bool:
+    def _in_this_process(self) -> None:
         if os.getpid() != self.pid:
             self._close()
             self._open()
+
+    def times(self) -> tuple[int, int] | None:
+        self._in_this_process()
+        return self._read() if self.fd >= 0 else None
+
+    def shared(self) -> bool:
+        self._in_this_process()
         if self.fd < 0:
             return False
         # A thread is runnable for no longer than the wall time that passes, so the window
@@ -112,3 +119,19 @@ def cpu_shared() -> bool:
 def cpu_share_measurable() -> bool:
     """Whether :func:`cpu_shared` can see anything on this host."""
     return _gauge().measurable()
+
+
+def thread_times() -> tuple[int, int] | None:
+    """The calling thread's ``(ns on a core, ns waiting for one)`` since it started, from the
+    same statistics the verdict reads; None where they cannot be read. The difference of two
+    readings taken around a call tells whether the thread lost its core during the call.
+
+    Example:
+        >>> before = thread_times()
+        >>> sum(range(10**6))
+        499999500000
+        >>> after = thread_times()
+        >>> after is None or after[0] >= before[0]
+        True
+    """
+    return _gauge().times()

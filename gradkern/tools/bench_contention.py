@@ -14,10 +14,20 @@ per-tensor work; benchmarks/NOTES.md). torch's time over it is the speed-up with
 GPT-2-small shapes, where the op is one long read, a ceiling no implementation passes by much. (Summing the gradients tensor by
 tensor is no floor here: each of torch's calls waits at its own region's end for a team member
 the scheduler may not be running.)
+
+Under this load a call is slow mostly when the calling thread loses its core mid-call to a busy
+process and waits out the process's slice. Where Linux's scheduler statistics can be read, each
+row also gives, per contender, the share of calls in which that happened (the thread waited
+``LOST_CORE_MS`` or more for a core) and the median of the calls that kept their core: the op's
+own time under the load, apart from the scheduler's draw. A median sits on one side or the other
+of that line depending on whether more than half the calls lost the core, so it can move between
+runs by a factor of two while the op's own time stays put (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -27,6 +37,7 @@ from contextlib import contextmanager
 import torch
 
 import gradkern as gk
+from gradkern.backends._cpu_share import thread_times
 
 from .scenarios import gpt2_small_shapes, make_grads
 
@@ -58,14 +69,45 @@ def busy_processes(n: int):
             p.wait()
 
 
+# A wait this long for a core during one call means another process took the core mid-call: it
+# spans a scheduler slice (0.75-3 ms) and more than a wake-up's latency.
+LOST_CORE_MS = 1.0
+
+
 def _p90(times: list[float]) -> float:
     ordered = sorted(times)
     return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
 
 
+def _timed(fn, params) -> tuple[float, float | None]:
+    """One call's wall time and the calling thread's wait for a core during it, both in ms (the
+    wait None where it cannot be read)."""
+    before = thread_times()
+    t0 = time.perf_counter()
+    fn(params)
+    elapsed = time.perf_counter() - t0
+    after = thread_times()
+    waited = None if before is None or after is None else (after[1] - before[1]) / 1e6
+    return elapsed * 1e3, waited
+
+
+def _summary(who: str, calls: list[tuple[float, float | None]]) -> dict:
+    """The row's columns for one contender: median and p90 of its call times, and where the waits
+    were read, the share of calls that lost the core and the median of those that kept it."""
+    times = [t for t, _ in calls]
+    out = {f"{who}_median_ms": statistics.median(times), f"{who}_p90_ms": _p90(times)}
+    if all(w is not None for _, w in calls):
+        kept = [t for t, w in calls if w < LOST_CORE_MS]
+        out[f"{who}_lost_core"] = 1 - len(kept) / len(calls)
+        out[f"{who}_kept_median_ms"] = statistics.median(kept) if kept else None
+    return out
+
+
 def contention_times(n_busy: int = 3, calls: int = 60) -> list[dict]:
     """Per set and op: the median and p90 (ms) of torch's and gradkern's call times, and of one
-    read pass over the set's bytes, with ``n_busy`` busy processes beside the loop."""
+    read pass over the set's bytes, with ``n_busy`` busy processes beside the loop; where the
+    scheduler's statistics can be read, also each one's share of calls that lost the core and
+    the median of the calls that kept it (``*_lost_core``, ``*_kept_median_ms``)."""
     a = torch.randn(256, 256)
     rows = []
     with busy_processes(n_busy):
@@ -75,19 +117,17 @@ def contention_times(n_busy: int = 3, calls: int = 60) -> list[dict]:
             for op_name, (torch_op, gk_op) in OPS.items():
                 contenders = (("torch", torch_op), ("gradkern", gk_op),
                               ("read", lambda _: flat.sum()))
-                times: dict[str, list[float]] = {who: [] for who, _ in contenders}
+                timed: dict[str, list[tuple[float, float | None]]] = {
+                    who: [] for who, _ in contenders}
                 for k in range(calls + 2):
                     for who, fn in contenders:
                         a @ a  # the step's own work, just before
-                        t0 = time.perf_counter()
-                        fn(params)
-                        elapsed = time.perf_counter() - t0
+                        call = _timed(fn, params)
                         if k >= 2:  # two warm-up calls
-                            times[who].append(elapsed * 1e3)
+                            timed[who].append(call)
                 row = {"op": op_name, "scenario": set_name, "busy": n_busy, "calls": calls}
-                for who in times:
-                    row[f"{who}_median_ms"] = statistics.median(times[who])
-                    row[f"{who}_p90_ms"] = _p90(times[who])
+                for who, calls_of in timed.items():
+                    row.update(_summary(who, calls_of))
                 rows.append(row)
             del params, flat
     return rows
@@ -112,8 +152,54 @@ def print_rows(rows: list[dict]) -> None:
               f"{r['torch_p90_ms'] / r['gradkern_p90_ms']:5.2f}x "
               f"{r['torch_median_ms'] / r['read_median_ms']:11.2f}x "
               f"{r['torch_p90_ms'] / r['read_p90_ms']:5.2f}x")
+    _print_lost_core(rows)
+
+
+def _print_lost_core(rows: list[dict]) -> None:
+    """The share of calls that lost the core, and the medians of those that kept it."""
+    rows = [r for r in rows if "torch_lost_core" in r]
+    if not rows:
+        return
+    print(f"\nlost the core: the share of calls in which the calling thread waited >= "
+          f"{LOST_CORE_MS:g} ms for a core; kept: the median of the other calls (ms)")
+    print(f"{'op':30s} {'scenario':31s} {'lost: torch':>11s} {'gk':>5s} {'read':>5s} "
+          f"{'kept: torch':>11s} {'gk':>6s} {'read':>6s} {'speed-up kept':>13s}")
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    for r in rows:
+        kept = (r["torch_kept_median_ms"], r["gradkern_kept_median_ms"])
+        ratio = "-" if None in kept else f"{kept[0] / kept[1]:.2f}x"
+        print(f"{r['op']:30s} {r['scenario']:31s} {r['torch_lost_core']:11.0%} "
+              f"{r['gradkern_lost_core']:5.0%} {r['read_lost_core']:5.0%} "
+              f"{ms(kept[0]):>11s} {ms(kept[1]):>6s} {ms(r['read_kept_median_ms']):>6s} "
+              f"{ratio:>13s}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gradkern.tools.bench_contention [N] [--json FILE]``: the contention rows
+    alone, saved in the layout of ``gradkern bench --json`` (its other rows empty)."""
+    parser = argparse.ArgumentParser(description="The contention rows of gradkern bench.")
+    parser.add_argument("busy", nargs="?", type=int, default=3,
+                        help="busy processes beside the loop (default: %(default)s)")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    rows = contention_times(args.busy)
+    print_rows(rows)
+    if args.json:
+        from .bench import device_name
+        from .info import build_report
+
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name("cpu"), "quick": False, "build": build_report(),
+                       "torch": torch.__version__, "cuda": torch.version.cuda,
+                       "command": f"python -m gradkern.tools.bench_contention {args.busy}",
+                       "rows": [], "monitor_rows": [], "contention_rows": rows},
+                      f, indent=2, default=str)
+        print(f"wrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-    print_rows(contention_times(n))
+    sys.exit(main())
