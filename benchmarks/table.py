@@ -1,7 +1,8 @@
 """A ``gradkern bench --json`` run as the README's table: one line naming the hardware, versions
 and command, then the rows that time gradkern against torch, in plain columns, and the
 contention rows (median and 90th percentile of single calls with busy processes beside the
-loop) where the run has them.
+loop, and where recorded the share of calls that lost the core) where the run has them; a run
+of the contention rows alone gives those only.
 
     python benchmarks/table.py benchmarks/results/cpu-2core-2026-12-07d-run3.json
 
@@ -34,9 +35,12 @@ def _hardware(run: dict) -> str:
 
 def markdown(run: dict, hardware: str | None = None, path: str | None = None) -> str:
     command = run.get("command", "gradkern bench") + (f" --json {path}" if path else "")
-    lines = [f"{hardware or _hardware(run)}; `{command}`; best of 7, torch and gradkern timed "
-             "in turn", "",
-             "| op | set | torch ms | gradkern ms | speed-up |", "|---|---|---:|---:|---:|"]
+    if not run["rows"]:  # the contention rows alone (python -m gradkern.tools.bench_contention)
+        lines = [f"{hardware or _hardware(run)}; `{command}`"]
+    else:
+        lines = [f"{hardware or _hardware(run)}; `{command}`; best of 7, torch and gradkern "
+                 "timed in turn", "",
+                 "| op | set | torch ms | gradkern ms | speed-up |", "|---|---|---:|---:|---:|"]
     for row in run["rows"]:
         op = row["op"].strip()
         if any(word in op for word in NOT_AGAINST_TORCH):
@@ -48,16 +52,21 @@ def markdown(run: dict, hardware: str | None = None, path: str | None = None) ->
     contended = run.get("contention_rows", [])
     if contended:
         with_read = all("read_median_ms" in row for row in contended)
+        with_lost = all("torch_lost_core" in row for row in contended)
         busy = contended[0]["busy"]
         lines += ["", f"With {busy} busy process{'es' if busy != 1 else ''} beside the loop "
                   f"({contended[0]['calls']} single calls each, a 256 x 256 matmul before every "
                   "call): median / 90th percentile"
                   + ("; read pass: torch summing a flat buffer of the set's size in the same "
                      "turns, and torch's time over it, the speed-up within reach" if with_read
-                     else ""), "",
+                     else "")
+                  + ("; lost the core: the share of calls in which the calling thread waited 1 "
+                     "ms or more for a core, torch / gradkern" if with_lost else ""), "",
                   "| op | set | torch ms | gradkern ms | speed-up |"
-                  + (" read pass ms | within reach |" if with_read else ""),
-                  "|---|---|---:|---:|---:|" + ("---:|---:|" if with_read else "")]
+                  + (" read pass ms | within reach |" if with_read else "")
+                  + (" lost the core |" if with_lost else ""),
+                  "|---|---|---:|---:|---:|" + ("---:|---:|" if with_read else "")
+                  + ("---:|" if with_lost else "")]
         for row in contended:
             t, g = (row["torch_median_ms"], row["torch_p90_ms"]), (row["gradkern_median_ms"],
                                                                     row["gradkern_p90_ms"])
@@ -67,6 +76,8 @@ def markdown(run: dict, hardware: str | None = None, path: str | None = None) ->
                 r = row["read_median_ms"], row["read_p90_ms"]
                 line += (f" {r[0]:.2f} / {r[1]:.2f} | {t[0] / r[0]:.2f}x / "
                          f"{t[1] / r[1]:.2f}x |")
+            if with_lost:
+                line += f" {row['torch_lost_core']:.0%} / {row['gradkern_lost_core']:.0%} |"
             lines.append(line)
     return "\n".join(lines)
 

@@ -50,17 +50,21 @@ def test_limit_reads_a_flat_buffer_for_many_small_tensors():
     assert huge.read_bytes == 4 << 30
 
 
-def _load_cpu_targets():
+def _load_benchmark_script(name: str):
     import importlib.util
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_targets.py"
-    spec = importlib.util.spec_from_file_location("cpu_targets", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def _load_cpu_targets():
+    return _load_benchmark_script("cpu_targets")
 
 
 def test_cpu_targets_read_each_row_the_way_round_its_target_names():
@@ -211,3 +215,20 @@ def test_contention_rows_alone_are_saved_as_a_bench_run(monkeypatch, tmp_path, c
     # its rows are not the targets' (one busy process): every target reads "-"
     assert all(line.endswith("-   met in 0 of 0")
                for line in targets.report([run]) if "met in" in line)
+
+
+def test_the_table_of_a_run_of_contention_rows_alone():
+    table = _load_benchmark_script("table")
+    row = dict(op="total norm", scenario="many-small 1,000 x 1,000", busy=3, calls=60,
+               torch_median_ms=3.0, torch_p90_ms=10.0, gradkern_median_ms=1.0,
+               gradkern_p90_ms=8.0, read_median_ms=0.2, read_p90_ms=12.0,
+               torch_lost_core=0.35, gradkern_lost_core=0.2)
+    lines = table.markdown({"rows": [], "contention_rows": [row],
+                            "command": "python -m gradkern.tools.bench_contention 3"}).splitlines()
+    assert "best of 7" not in lines[0]
+    assert lines[-1] == ("| total norm | many-small 1,000 x 1,000 | 3.00 / 10.00 | 1.00 / 8.00 | "
+                         "3.00x / 1.25x | 0.20 / 12.00 | 15.00x / 0.83x | 35% / 20% |")
+    assert sum(l.startswith("| op | set |") for l in lines) == 1  # no empty quiet table
+    del row["torch_lost_core"], row["gradkern_lost_core"]  # a run from before those columns
+    assert table.markdown({"rows": [], "contention_rows": [row]}).splitlines()[-1].endswith(
+        "| 15.00x / 0.83x |")

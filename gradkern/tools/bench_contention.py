@@ -4,7 +4,7 @@ Training machines are rarely quiet: DataLoader workers, a tokenizer or a second 
 cores. Here ``n_busy`` processes that spin on the CPU (started and stopped by the bench) run
 beside the loop, and before every timed call a 256 x 256 matmul stands in for the training
 step's own work (it also leaves torch's threads just used, as a step does). torch and gradkern
-are timed in turn, call by call; reported are the median and the 90th percentile of each, on
+are timed in turn, call by call, each turn starting with the next of them; reported are the median and the 90th percentile of each, on
 many small tensors and on GPT-2-small shapes. A single call's time is what a training step
 pays, so the tail matters as much as the median.
 
@@ -120,7 +120,12 @@ def contention_times(n_busy: int = 3, calls: int = 60) -> list[dict]:
                 timed: dict[str, list[tuple[float, float | None]]] = {
                     who: [] for who, _ in contenders}
                 for k in range(calls + 2):
-                    for who, fn in contenders:
+                    # Each turn starts with the next contender, so each is timed after each of
+                    # the others equally often: what ran just before a call has used up part of
+                    # the thread's scheduler slice, which sets how likely the call is to lose
+                    # the core before it ends.
+                    first = k % len(contenders)
+                    for who, fn in contenders[first:] + contenders[:first]:
                         a @ a  # the step's own work, just before
                         call = _timed(fn, params)
                         if k >= 2:  # two warm-up calls
