@@ -116,7 +116,8 @@ def _contention_context(op: str, scenario: str, stat: str) -> tuple:
               _contended(op, scenario, stat, over="read"), "x")
     if stat == "median":
         return (within,
-                ("  torch's calls that lost the core mid-call", _lost_core(op, scenario, "torch"), "%"),
+                ("  torch's calls that lost the core mid-call",
+                 _lost_core(op, scenario, "torch"), "%"),
                 ("  calls that kept the core (torch / gradkern medians)",
                  _contended(op, scenario, "kept_median"), "x"))
     return (within,

@@ -124,7 +124,7 @@ def test_cpu_targets_read_each_row_the_way_round_its_target_names():
     # then what the statistic rests on: for a median, the share of torch's calls that lost the
     # core and the speed-up over the calls that kept it; for a p90, gradkern's share
     under = {}
-    for i, line in enumerate(report):
+    for line in report:
         if not line.startswith(" "):
             target = line[:58].strip()
         else:

@@ -230,15 +230,25 @@ def run_bench(device: str = "cpu", quick: bool = False, json_path: str | None = 
     if backend:
         set_backend(previous)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"device": device_name(device), "quick": quick, "build": build_report(),
-                       "torch": torch.__version__, "cuda": torch.version.cuda,
-                       "command": f"gradkern bench --device {device}" + (" --quick" if quick else ""),
-                       "limits_bytes_per_s": limits, "rows": rows,
-                       "monitor_rows": monitor_rows, "contention_rows": contention_rows},
-                      f, indent=2, default=str)
-        print(f"wrote {json_path}")
+        write_run(json_path, device, f"gradkern bench --device {device}"
+                  + (" --quick" if quick else ""), quick=quick, limits=limits, rows=rows,
+                  monitor_rows=monitor_rows, contention_rows=contention_rows)
     return 0
+
+
+def write_run(path: str, device: str, command: str, *, quick: bool = False,
+              limits: dict | None = None, rows: list[dict] | None = None,
+              monitor_rows: list[dict] | None = None,
+              contention_rows: list[dict] | None = None) -> None:
+    """Save a bench run as JSON: the machine, the build and the command, then its rows (the
+    layout ``benchmarks/table.py`` and ``benchmarks/cpu_targets.py`` read)."""
+    with open(path, "w") as f:
+        json.dump({"device": device_name(device), "quick": quick, "build": build_report(),
+                   "torch": torch.__version__, "cuda": torch.version.cuda, "command": command,
+                   "limits_bytes_per_s": limits or {}, "rows": rows or [],
+                   "monitor_rows": monitor_rows or [], "contention_rows": contention_rows or []},
+                  f, indent=2, default=str)
+    print(f"wrote {path}")
 
 
 COMPILED_SCENARIO = "MLP 8 x 1,024 (8.4M), batch 64"

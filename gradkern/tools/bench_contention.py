@@ -4,16 +4,16 @@ Training machines are rarely quiet: DataLoader workers, a tokenizer or a second 
 cores. Here ``n_busy`` processes that spin on the CPU (started and stopped by the bench) run
 beside the loop, and before every timed call a 256 x 256 matmul stands in for the training
 step's own work (it also leaves torch's threads just used, as a step does). torch and gradkern
-are timed in turn, call by call, each turn starting with the next of them; reported are the median and the 90th percentile of each, on
-many small tensors and on GPT-2-small shapes. A single call's time is what a training step
-pays, so the tail matters as much as the median.
+are timed in turn, call by call, each turn starting with the next of them; reported are the
+median and the 90th percentile of each, on many small tensors and on GPT-2-small shapes. A
+single call's time is what a training step pays, so the tail matters as much as the median.
 
 A third contender takes the same turns: torch summing one flat fp32 buffer of the set's size,
 the cheapest pass over as many bytes that was measured under this load (one parallel region, no
 per-tensor work; benchmarks/NOTES.md). torch's time over it is the speed-up within reach: over
-GPT-2-small shapes, where the op is one long read, a ceiling no implementation passes by much. (Summing the gradients tensor by
-tensor is no floor here: each of torch's calls waits at its own region's end for a team member
-the scheduler may not be running.)
+GPT-2-small shapes, where the op is one long read, a ceiling no implementation passes by much.
+(Summing the gradients tensor by tensor is no floor here: each of torch's calls waits at its own
+region's end for a team member the scheduler may not be running.)
 
 Under this load a call is slow mostly when the calling thread loses its core mid-call to a busy
 process and waits out the process's slice. Where Linux's scheduler statistics can be read, each
@@ -27,7 +27,6 @@ runs by a factor of two while the op's own time stays put (benchmarks/NOTES.md).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -193,16 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = contention_times(args.busy)
     print_rows(rows)
     if args.json:
-        from .bench import device_name
-        from .info import build_report
+        from .bench import write_run  # bench imports this module
 
-        with open(args.json, "w") as f:
-            json.dump({"device": device_name("cpu"), "quick": False, "build": build_report(),
-                       "torch": torch.__version__, "cuda": torch.version.cuda,
-                       "command": f"python -m gradkern.tools.bench_contention {args.busy}",
-                       "rows": [], "monitor_rows": [], "contention_rows": rows},
-                      f, indent=2, default=str)
-        print(f"wrote {args.json}")
+        write_run(args.json, "cpu", f"python -m gradkern.tools.bench_contention {args.busy}",
+                  contention_rows=rows)
     return 0
 
 
